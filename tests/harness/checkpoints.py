@@ -1,0 +1,87 @@
+"""Small random MoE checkpoints, written with transformers' ``save_pretrained``.
+
+They go through vLLM's real checkpoint loader (safetensors), like a downloaded model would.
+A larger ``initializer_range`` than the default makes the next-token distribution peaked
+enough that greedy decoding is not decided by rounding noise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Shapes vLLM's CPU attention accepts (head_dim >= 32) and small enough to start in seconds.
+COMMON = dict(
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=512,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+)
+
+
+def build_qwen3_moe(path: str | Path, *, num_layers: int = 3, num_experts: int = 8,
+                    top_k: int = 2, seed: int = 0) -> Path:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(
+        **COMMON,
+        num_hidden_layers=num_layers,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+    return _save(Qwen3MoeForCausalLM, cfg, path, seed)
+
+
+def build_qwen2_moe(path: str | Path, *, num_layers: int = 3, num_experts: int = 6,
+                    top_k: int = 2, seed: int = 0) -> Path:
+    """Qwen2-MoE: routed experts plus a gated shared expert in every layer."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        **COMMON,
+        num_hidden_layers=num_layers,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+    return _save(Qwen2MoeForCausalLM, cfg, path, seed)
+
+
+BUILDERS = {"qwen3_moe": build_qwen3_moe, "qwen2_moe": build_qwen2_moe}
+
+
+def _save(model_cls, cfg, path, seed: int) -> Path:
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(torch.float32)
+    with torch.no_grad():
+        # transformers may leave some weights at their special init (zeros, ones);
+        # give every parameter random values so no expert is trivially equal to another.
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, cfg.initializer_range)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    # No tokenizer on disk: engines run with skip_tokenizer_init and token-id prompts.
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    return path

@@ -1,0 +1,85 @@
+"""Run engines in separate processes and compare their greedy outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start_engine(spec: dict, workdir: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
+    """Start ``run_engine`` in a child process; returns (process, output path, log path)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path, log_path = (workdir / f"{name}.{ext}" for ext in ("spec.json", "out.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.harness.run_engine", str(spec_path), str(out_path)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    proc._log_file = log  # closed by wait_engine
+    return proc, out_path, log_path
+
+
+def wait_engine(proc: subprocess.Popen, out_path: Path, log_path: Path, timeout: float) -> dict:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = "timeout"
+    finally:
+        proc._log_file.close()
+    if rc != 0:
+        tail = log_path.read_text()[-6000:]
+        raise RuntimeError(f"engine process ended with {rc}; last log lines:\n{tail}")
+    return json.loads(out_path.read_text())
+
+
+def run_engines(specs: dict[str, dict], timeout: float = 600) -> dict[str, dict]:
+    """Run every spec concurrently, each in its own process; returns results by name."""
+    workdir = Path(tempfile.mkdtemp(prefix="vllm-dwdp-eq-"))
+    started = {name: start_engine(spec, workdir, name) for name, spec in specs.items()}
+    results, errors = {}, []
+    for name, (proc, out, log) in started.items():
+        try:
+            results[name] = wait_engine(proc, out, log, timeout)
+            results[name]["log_path"] = str(log)
+        except RuntimeError as e:
+            errors.append(f"[{name}] {e}")
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return results
+
+
+def assert_outputs_equal(ref: dict, test: dict, *, logprob_atol: float = 1e-3,
+                         names: tuple[str, str] = ("stock", "plugin")) -> float:
+    """Greedy tokens identical and chosen-token logprobs within ``logprob_atol``.
+
+    Returns the largest logprob difference seen, for the caller's report.
+    """
+    ref_outs, test_outs = ref["outputs"], test["outputs"]
+    assert len(ref_outs) == len(test_outs), f"{len(ref_outs)} vs {len(test_outs)} outputs"
+    worst = 0.0
+    for i, (r, t) in enumerate(zip(ref_outs, test_outs)):
+        assert r["token_ids"] == t["token_ids"], (
+            f"prompt {i}: greedy tokens differ\n  {names[0]}: {r['token_ids']}\n"
+            f"  {names[1]}: {t['token_ids']}"
+        )
+        for pos, (rl, tl) in enumerate(zip(r["logprobs"], t["logprobs"])):
+            tok = str(r["token_ids"][pos])
+            diff = abs(rl[tok] - tl[tok])
+            assert math.isfinite(tl[tok]) and diff <= logprob_atol, (
+                f"prompt {i} position {pos}: logprob of token {tok} is {tl[tok]} "
+                f"({names[1]}) vs {rl[tok]} ({names[0]}), |diff| {diff:.2e} > {logprob_atol}"
+            )
+            worst = max(worst, diff)
+    return worst

@@ -1,0 +1,74 @@
+"""Run one real vLLM engine in this process and write its greedy outputs as JSON.
+
+Used by the equality tests: the stock engine and the plugin engine(s) each run in their own
+process (``python -m tests.harness.run_engine SPEC.json OUT.json``), so no state leaks
+between them and several DWDP ranks can run side by side.
+
+SPEC keys: model, prompts (lists of token ids), max_tokens, logprobs (top-k to record),
+additional_config, dtype, enforce_eager, env (variables set before vLLM is imported),
+device ("cpu" or "cuda").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def run(spec: dict) -> dict:
+    os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
+    if spec.get("device", "cpu") == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.monotonic()
+    llm = LLM(
+        model=spec["model"],
+        skip_tokenizer_init=True,
+        dtype=spec.get("dtype", "float32"),
+        enforce_eager=spec.get("enforce_eager", True),
+        max_model_len=spec.get("max_model_len", 256),
+        max_num_seqs=spec.get("max_num_seqs", 8),
+        seed=0,
+        additional_config=spec.get("additional_config") or {},
+        **spec.get("engine_kwargs", {}),
+    )
+    startup_s = time.monotonic() - t0
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=spec.get("max_tokens", 8),
+        logprobs=spec.get("logprobs", 5),
+        detokenize=False,
+        ignore_eos=True,
+    )
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    results = []
+    for out in outs:
+        comp = out.outputs[0]
+        results.append({
+            "token_ids": list(comp.token_ids),
+            # one {token_id: logprob} dict per generated position
+            "logprobs": [
+                {str(t): lp.logprob for t, lp in pos.items()} for pos in (comp.logprobs or [])
+            ],
+        })
+    import vllm
+
+    return {"vllm_version": vllm.__version__, "startup_s": startup_s, "outputs": results}
+
+
+def main() -> None:
+    spec_path, out_path = sys.argv[1], sys.argv[2]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    result = run(spec)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Plugin configuration: parsing, validation messages, env overrides, version gate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from vllm_dwdp.config import DwdpConfig, parse_dwdp_config
+from vllm_dwdp.plugin_config import PluginConfigError
+from vllm_flextensor.config import parse_flextensor_config
+
+
+def test_defaults_are_off():
+    assert parse_dwdp_config({}) == DwdpConfig()
+    assert parse_dwdp_config(None).enabled is False
+    assert parse_flextensor_config({"other": 1}).enabled is False
+
+
+def test_values_are_read_and_coerced():
+    cfg = parse_dwdp_config({"dwdp": {"enabled": True, "world_size": 4, "rank": 3,
+                                      "replication": 0.25, "expert_owners": [0, 1, 2, 3]}})
+    assert (cfg.enabled, cfg.world_size, cfg.rank, cfg.replication) == (True, 4, 3, 0.25)
+    assert cfg.expert_owners == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"enabeld": True}, "Unknown additional_config.dwdp keys: ['enabeld']"),
+    ({"world_size": "two"}, "additional_config.dwdp.world_size must be an integer, got 'two' (str)"),
+    ({"world_size": 0}, "additional_config.dwdp.world_size must be >= 1, got 0 (int)"),
+    ({"world_size": 2, "rank": 2}, "rank must be below world_size (2), got 2"),
+    ({"transport": "nvlink"}, "must be one of ['auto', 'cuda_ipc', 'shm'], got 'nvlink'"),
+    ({"replication": 1.5}, "must be between 0.0 and 1.0, got 1.5"),
+    ({"world_size": 2, "expert_owners": [0, 2]}, "expert_owners holds ranks [2] outside 0 .. 1"),
+    ({"enabled": "maybe"}, "must be true or false, got 'maybe'"),
+])
+def test_bad_values_name_key_value_and_fix(section, message):
+    with pytest.raises(PluginConfigError) as e:
+        parse_dwdp_config({"dwdp": section})
+    assert message in str(e.value)
+
+
+def test_section_must_be_object():
+    with pytest.raises(PluginConfigError, match="additional_config.flextensor must be a JSON object"):
+        parse_flextensor_config({"flextensor": True})
+
+
+def test_env_overrides_json(monkeypatch):
+    monkeypatch.setenv("VLLM_DWDP_RANK", "1")
+    monkeypatch.setenv("VLLM_DWDP_ENABLED", "true")
+    cfg = parse_dwdp_config({"dwdp": {"world_size": 2, "rank": 0}})
+    assert (cfg.enabled, cfg.rank) == (True, 1)
+    monkeypatch.setenv("VLLM_DWDP_PREFETCH_DEPTH", "x")
+    with pytest.raises(PluginConfigError, match="environment variable VLLM_DWDP_PREFETCH_DEPTH"):
+        parse_dwdp_config({})
+
+
+def test_entry_points_registered():
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("dwdp") == "vllm_dwdp:register"
+    assert names.get("flextensor") == "vllm_flextensor:register"
+
+
+def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_bad_config_fails_in_engine_args_before_model_loading():
+    # The model path does not exist: reaching the loader would give a different error.
+    code = (
+        "from vllm.engine.arg_utils import EngineArgs\n"
+        "EngineArgs(model='/nonexistent/model', additional_config="
+        "{'dwdp': {'enabled': True, 'world_size': 2, 'rank': 7}}).create_engine_config()\n"
+    )
+    proc = _run(code)
+    assert proc.returncode != 0
+    assert "PluginConfigError: additional_config.dwdp: rank must be below world_size (2)" in proc.stderr
+
+
+def test_unsupported_vllm_version_names_supported_range():
+    code = (
+        "from vllm.engine.arg_utils import EngineArgs\n"
+        "EngineArgs(model='/nonexistent/model', additional_config="
+        "{'dwdp': {'enabled': True}}).create_engine_config()\n"
+    )
+    proc = _run(code, env={"VLLM_DWDP_VLLM_VERSION": "0.25.1"})
+    assert proc.returncode != 0
+    assert ("DWDP supports vLLM 0.26 through 0.33, but vLLM 0.25.1 is installed" in proc.stderr)
+
+
+def test_vllm_serve_cli_rejects_bad_config_quickly(tmp_path):
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(tmp_path / "missing"),
+         "--additional-config", '{"flextensor": {"enabled": true, "mode": "fast"}}'],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert ("additional_config.flextensor.mode must be one of ['auto', 'copy', 'unified'], "
+            "got 'fast'") in proc.stderr + proc.stdout
