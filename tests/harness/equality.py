@@ -44,17 +44,30 @@ def wait_engine(proc: subprocess.Popen, out_path: Path, log_path: Path, timeout:
     return json.loads(out_path.read_text())
 
 
-def run_engines(specs: dict[str, dict], timeout: float = 600) -> dict[str, dict]:
-    """Run every spec concurrently, each in its own process; returns results by name."""
+def run_engines(specs: dict[str, dict], timeout: float = 600,
+                concurrent: bool = True) -> dict[str, dict]:
+    """Run every spec, each in its own process; returns results by name.
+
+    ``concurrent=False`` runs them one after another (engines sharing one GPU would each
+    size their KV cache against the other's memory).
+    """
     workdir = Path(tempfile.mkdtemp(prefix="vllm-dwdp-eq-"))
-    started = {name: start_engine(spec, workdir, name) for name, spec in specs.items()}
     results, errors = {}, []
-    for name, (proc, out, log) in started.items():
+
+    def collect(name, started):
         try:
-            results[name] = wait_engine(proc, out, log, timeout)
-            results[name]["log_path"] = str(log)
+            results[name] = wait_engine(*started, timeout)
+            results[name]["log_path"] = str(started[2])
         except RuntimeError as e:
             errors.append(f"[{name}] {e}")
+
+    if concurrent:
+        started = {name: start_engine(spec, workdir, name) for name, spec in specs.items()}
+        for name, s in started.items():
+            collect(name, s)
+    else:
+        for name, spec in specs.items():
+            collect(name, start_engine(spec, workdir, name))
     if errors:
         raise RuntimeError("\n".join(errors))
     return results

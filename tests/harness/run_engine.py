@@ -19,8 +19,12 @@ import time
 
 def run(spec: dict) -> dict:
     os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
+    engine_kwargs = dict(spec.get("engine_kwargs", {}))
     if spec.get("device", "cpu") == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    else:
+        # Several engines share one GPU in the equality tests.
+        engine_kwargs.setdefault("gpu_memory_utilization", 0.3)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -34,7 +38,7 @@ def run(spec: dict) -> dict:
         max_num_seqs=spec.get("max_num_seqs", 8),
         seed=0,
         additional_config=spec.get("additional_config") or {},
-        **spec.get("engine_kwargs", {}),
+        **engine_kwargs,
     )
     startup_s = time.monotonic() - t0
     params = SamplingParams(
