@@ -1,0 +1,90 @@
+"""Triton kernels of the split-weight MoE (launcher: ``kernels/split_moe.py``).
+
+Rows are (token, k) pairs sorted by weight slot and padded per slot to BLOCK_M, so each
+program reads one expert's weights: from the local tensor when ``slot < E_LOCAL``, else from
+the receive buffer.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gate_up_act_kernel(
+    x_ptr, w_local_ptr, w_recv_ptr, inter_ptr, sorted_pair_ptr, block_slot_ptr,
+    H, I, TOP_K, E_LOCAL,
+    stride_xt, stride_wle, stride_wre, stride_wn, stride_inter,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """inter[row, n] = silu(x[tok] . W13[slot, n]) * (x[tok] . W13[slot, I + n])."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(block_slot_ptr + pid_m)
+    if slot < 0:
+        return
+    if slot < E_LOCAL:
+        w_ptr = w_local_ptr + slot.to(tl.int64) * stride_wle
+    else:
+        w_ptr = w_recv_ptr + (slot - E_LOCAL).to(tl.int64) * stride_wre
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ptr + rows)
+    valid = pair >= 0
+    tok = tl.where(valid, pair // TOP_K, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < H
+        a = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :],
+                    mask=valid[:, None] & mask_k[None, :], other=0.0)
+        wg = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        wu = tl.load(w_ptr + (offs_n[:, None] + I).to(tl.int64) * stride_wn + kk[None, :],
+                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc_g = tl.dot(a, tl.trans(wg), acc_g)
+        acc_u = tl.dot(a, tl.trans(wu), acc_u)
+    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(inter_ptr + rows[:, None].to(tl.int64) * stride_inter + offs_n[None, :],
+             act.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def down_kernel(
+    inter_ptr, w_local_ptr, w_recv_ptr, out_ptr, weights_ptr, sorted_pair_ptr, block_slot_ptr,
+    H, I, E_LOCAL,
+    stride_inter, stride_wle, stride_wre, stride_wn, stride_out,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[pair, n] = topk_weight[pair] * (inter[row] . W2[slot, n])."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(block_slot_ptr + pid_m)
+    if slot < 0:
+        return
+    if slot < E_LOCAL:
+        w_ptr = w_local_ptr + slot.to(tl.int64) * stride_wle
+    else:
+        w_ptr = w_recv_ptr + (slot - E_LOCAL).to(tl.int64) * stride_wre
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ptr + rows)
+    valid = pair >= 0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < I
+        a = tl.load(inter_ptr + rows[:, None].to(tl.int64) * stride_inter + kk[None, :],
+                    mask=valid[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc)
+    g = tl.load(weights_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0).to(tl.float32)
+    acc = acc * g[:, None]
+    safe_pair = tl.where(valid, pair, 0).to(tl.int64)
+    tl.store(out_ptr + safe_pair[:, None] * stride_out + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
