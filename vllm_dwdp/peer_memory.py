@@ -32,6 +32,8 @@ class PeerFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class SlabEntry:
+    """Where one tensor lives inside a slab."""
+
     key: str           # "<layer>.<param>", e.g. "model.layers.3.mlp.experts.w13_weight"
     offset: int        # bytes from the slab start
     shape: tuple[int, ...]
@@ -62,28 +64,25 @@ class _ShmTransport:
     name = "shm"
 
     def __init__(self, instance: str, rank: int):
-        self.path_of = lambda r: f"/dev/shm/vllm-dwdp-{instance}-rank{r}"
-        self.rank = rank
+        self.prefix = f"/dev/shm/vllm-dwdp-{instance}-rank{rank}-"
+        self._paths: list[str] = []
 
-    def allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        path = self.path_of(self.rank)
+    def allocate(self, name: str, nbytes: int, device: torch.device) -> tuple[torch.Tensor, bytes]:
+        path = self.prefix + name
         with open(path, "wb") as f:
             f.truncate(nbytes)
+        self._paths.append(path)
         slab = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        self._own_path = path
-        return slab
-
-    def handle(self, slab: torch.Tensor) -> bytes:
-        return pickle.dumps({"path": self._own_path, "nbytes": slab.numel()})
+        return slab, pickle.dumps({"path": path, "nbytes": nbytes})
 
     def open(self, handle: bytes, device: torch.device) -> torch.Tensor:
         h = pickle.loads(handle)
         return torch.from_file(h["path"], shared=True, size=h["nbytes"], dtype=torch.uint8)
 
     def close(self) -> None:
-        path = getattr(self, "_own_path", None)
-        if path and os.path.exists(path):
-            os.unlink(path)  # peers keep their mappings until they exit
+        for path in self._paths:  # peers keep their mappings until they exit
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 class _CudaIpcTransport:
@@ -92,10 +91,11 @@ class _CudaIpcTransport:
     def __init__(self, instance: str, rank: int):
         self.rank = rank
 
-    def allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    def allocate(self, name: str, nbytes: int, device: torch.device) -> tuple[torch.Tensor, bytes]:
+        slab = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return slab, self._handle(slab)
 
-    def handle(self, slab: torch.Tensor) -> bytes:
+    def _handle(self, slab: torch.Tensor) -> bytes:
         storage = slab.untyped_storage()
         (_dev, ipc_handle, size, offset, ref_handle, ref_offset, event_handle,
          event_sync) = storage._share_cuda_()
@@ -170,39 +170,41 @@ class PeerGroup:
         self._watcher: threading.Thread | None = None
 
     # ---- start-up --------------------------------------------------------------------
-    def exchange(self, tensors: dict[str, torch.Tensor]):
-        """Move ``tensors`` into an exported slab; map every peer's slab.
+    def allocate(self, name: str, nbytes: int) -> tuple[torch.Tensor, bytes]:
+        """An exportable uint8 slab of ``nbytes`` and the handle peers open it with."""
+        return self.transport.allocate(name, nbytes, self.device)
 
-        Returns (own views, {peer rank: peer views}); own views replace the originals.
+    def open(self, handle: bytes) -> torch.Tensor:
+        return self.transport.open(handle, self.device)
+
+    def publish_and_gather(self, payload) -> dict:
+        """Publish ``payload`` (picklable), wait for every peer's; returns {peer rank: payload}.
+
+        This is the only point where ranks wait for each other, once, at start-up.
         """
-        entries, nbytes = layout_slab(tensors)
-        slab = self.transport.allocate(nbytes, self.device)
-        own = view_slab(slab, entries)
-        for key, t in tensors.items():
-            own[key].copy_(t)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._slab = slab
         r = self.cfg.rank
-        self.store.set(f"slab/{r}", pickle.dumps({
-            "transport": self.transport.name, "entries": entries,
-            "handle": self.transport.handle(slab), "pid": os.getpid()}))
+        self.store.set(f"pub/{r}", pickle.dumps({"transport": self.transport.name,
+                                                 "payload": payload, "pid": os.getpid()}))
         peers = {}
         for p in range(self.cfg.world_size):
             if p == r:
                 continue
-            info = pickle.loads(self._wait_key(f"slab/{p}", p))
+            info = pickle.loads(self._wait_key(f"pub/{p}", p))
             if info["transport"] != self.transport.name:
                 raise PeerFailure(
                     f"DWDP rank {p} uses transport {info['transport']!r} but rank {r} uses "
                     f"{self.transport.name!r}; set the same additional_config.dwdp.transport on all ranks")
-            peers[p] = view_slab(self.transport.open(info["handle"], self.device), info["entries"])
+            peers[p] = info["payload"]
+        return peers
+
+    def mark_ready(self) -> None:
+        """Say this rank mapped its peers; wait until all have; start the liveness watcher."""
+        r = self.cfg.rank
         self.store.set(f"mapped/{r}", b"1")
         for p in range(self.cfg.world_size):
             if p != r:
                 self._wait_key(f"mapped/{p}", p)
         self._start_watcher()
-        return own, peers
 
     def _wait_key(self, key: str, peer: int) -> bytes:
         deadline = time.monotonic() + self.cfg.peer_timeout_s

@@ -4,6 +4,17 @@ What is touched, why, and when it can go:
 - ``EngineArgs.create_engine_config`` is wrapped so a bad ``additional_config["dwdp"]`` (or an
   unsupported vLLM) fails in the front-end process before any model loads. Removal: when vLLM
   offers a validation hook for general plugins' ``additional_config`` sections.
+- ``RoutedExperts`` (``vllm/model_executor/layers/fused_moe/routed_experts.py``, a
+  ``PluggableLayer`` in 0.26 - 0.33) is replaced through vLLM's own out-of-tree layer registry
+  (``PluggableLayer.register_oot``) by ``DwdpRoutedExperts``, which behaves exactly as vLLM's
+  class unless DWDP is enabled. Relied on: the constructor receives ``moe_config`` and
+  ``expert_map_manager``; ``quant_method.create_weights`` sizes weights by
+  ``moe_config.num_local_experts``; ``weight_loader`` skips experts mapped to -1; the MoE runner
+  calls ``routed_experts.forward_modular`` -> ``quant_method.apply(layer, x, topk_weights,
+  topk_ids, shared_experts, shared_experts_input)`` when ``quant_method.is_monolithic`` is
+  False. Checked at start-up by :func:`routed_experts_class`.
+- The per-layer quant method's ``process_weights_after_loading`` is replaced on the instance,
+  so DWDP layers keep the checkpoint layout its kernel reads (no backend repacking).
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ def logger(name: str):
 
 
 def add_config_validator(name: str, validate: Callable[[object], None]) -> None:
-    """Run ``validate(engine_args.additional_config)`` before vLLM builds its config.
+    """Run ``validate(engine_args)`` before vLLM builds its config (it may adjust the args).
 
     Used by both plugins; each registers once per process under its own ``name``.
     """
@@ -38,7 +49,7 @@ def add_config_validator(name: str, validate: Callable[[object], None]) -> None:
         @functools.wraps(original)
         def create_engine_config(self, *args, **kwargs):
             for check in list(validators.values()):
-                check(self.additional_config)
+                check(self)
             return original(self, *args, **kwargs)
 
         create_engine_config._vllm_dwdp_validators = validators
@@ -60,19 +71,125 @@ def install_dwdp() -> None:
         return
     from vllm_dwdp.config import parse_dwdp_config
 
-    def validate(additional_config) -> None:
-        cfg = parse_dwdp_config(additional_config)
+    def validate(engine_args) -> None:
+        cfg = parse_dwdp_config(engine_args.additional_config)
         if cfg.enabled:
             versioning.check_supported("DWDP")
             logger("dwdp").info(
                 "DWDP enabled: rank %d of %d, prefetch depth %d, transport %s",
                 cfg.rank, cfg.world_size, cfg.prefetch_depth, cfg.transport,
             )
+            if _LAYER_ERROR is not None:
+                raise _LAYER_ERROR
+            _prefer_eager_where_needed(engine_args)
 
     add_config_validator("dwdp", validate)
+    _register_layer()
     state = "supported" if versioning.is_supported() else (
         f"NOT supported (supported: {versioning.SUPPORTED_RANGE})"
     )
     logger("dwdp").info(
         "vllm-dwdp plugin 'dwdp' loaded (vLLM %s, %s)", versioning.vllm_version(), state
     )
+
+
+_LAYER_ERROR: Exception | None = None
+
+
+def _register_layer() -> None:
+    """Put DwdpRoutedExperts in vLLM's out-of-tree layer registry. A failure here must not
+    break vLLM for users who never enable DWDP: it is kept and raised only if they do."""
+    global _LAYER_ERROR
+    try:
+        versioning.check_supported("DWDP")
+        from vllm.model_executor.custom_op import PluggableLayer
+
+        from vllm_dwdp.moe_layer import DwdpRoutedExperts
+
+        PluggableLayer.register_oot(name="RoutedExperts")(DwdpRoutedExperts)
+    except Exception as e:  # noqa: BLE001 - stored, re-raised when DWDP is enabled
+        _LAYER_ERROR = e
+
+
+def _prefer_eager_where_needed(engine_args) -> None:
+    """On CPU, vLLM compiles the MoE call into the model graph (no opaque custom op), which
+    would freeze DWDP's per-step pull schedule at trace time: run those engines eagerly."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and not engine_args.enforce_eager:
+        logger("dwdp").warning("DWDP on CPU runs the model eagerly (enforce_eager=True): the "
+                               "CPU backend traces MoE layers into its compiled graph")
+        engine_args.enforce_eager = True
+
+
+def routed_experts_class():
+    """vLLM's RoutedExperts class, after checking the contract DWDP relies on."""
+    try:
+        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    except ImportError as e:
+        raise versioning.UnsupportedVllmVersion(
+            f"DWDP could not find vLLM's RoutedExperts layer ({e}); it supports vLLM "
+            f"{versioning.SUPPORTED_RANGE}") from e
+    import inspect
+
+    params = inspect.signature(RoutedExperts.__init__).parameters
+    missing = [p for p in ("moe_config", "quant_config", "expert_map_manager") if p not in params]
+    if not hasattr(RoutedExperts, "forward_modular"):
+        missing.append("forward_modular")
+    if missing:
+        raise versioning.UnsupportedVllmVersion(
+            f"vLLM {versioning.vllm_version()}'s RoutedExperts changed (missing {missing}); DWDP "
+            f"cannot plug into it. Supported: vLLM {versioning.SUPPORTED_RANGE}.")
+    return RoutedExperts
+
+
+def current_dwdp_config():
+    """The DWDP settings of the engine being built in this process (worker side)."""
+    from vllm.config import get_current_vllm_config
+
+    from vllm_dwdp.config import parse_dwdp_config
+
+    return parse_dwdp_config(get_current_vllm_config().additional_config)
+
+
+def is_eager() -> bool:
+    """True when no CUDA graph will capture the forward pass (cross-step prefetch is safe)."""
+    from vllm.config import get_current_vllm_config
+
+    cfg = get_current_vllm_config()
+    if cfg.model_config is not None and cfg.model_config.enforce_eager:
+        return True
+    mode = getattr(cfg.compilation_config, "cudagraph_mode", None)
+    return mode is not None and getattr(mode, "name", "") == "NONE"
+
+
+def check_dwdp_moe_config(moe_config, quant_config) -> None:
+    """Refuse, with the reason, MoE layers this DWDP version does not handle."""
+    from vllm_dwdp.peer_memory import PeerFailure
+
+    par = moe_config.moe_parallel_config
+    if par.tp_size != 1 or par.use_ep or par.dp_size != 1:
+        raise PeerFailure(
+            "DWDP replaces tensor, data and expert parallelism for MoE layers: start each DWDP "
+            f"rank as a single-GPU engine (got tp={par.tp_size}, dp={par.dp_size}, "
+            f"ep={par.use_ep}); use dwdp.world_size for the number of GPUs")
+    if quant_config is not None:
+        raise NotImplementedError(
+            f"DWDP handles unquantized expert weights (bf16/fp16/fp32) in this version; the "
+            f"checkpoint uses {quant_config.get_name()!r}. Serve it without DWDP, or use an "
+            f"unquantized checkpoint.")
+    act = getattr(moe_config.activation, "value", moe_config.activation)
+    if str(act).lower() != "silu" or getattr(moe_config, "has_bias", False):
+        raise NotImplementedError(
+            f"DWDP's expert kernel computes SiLU-gated experts without bias; this model's "
+            f"experts use activation {act!r}, bias={getattr(moe_config, 'has_bias', False)}")
+
+
+def wrap_process_weights_after_loading(layer, callback) -> None:
+    """Make vLLM's post-load step of ``layer``'s quant method call ``callback(method)`` instead."""
+    method = layer.quant_method
+
+    def process_weights_after_loading(module):
+        callback(method)
+
+    method.process_weights_after_loading = process_weights_after_loading

@@ -15,8 +15,8 @@ def install_flextensor() -> None:
         return
     from vllm_flextensor.config import parse_flextensor_config
 
-    def validate(additional_config) -> None:
-        cfg = parse_flextensor_config(additional_config)
+    def validate(engine_args) -> None:
+        cfg = parse_flextensor_config(engine_args.additional_config)
         if cfg.enabled:
             versioning.check_supported("FlexTensor")
             logger("flextensor").info(

@@ -1,0 +1,190 @@
+"""The pull pipeline: remote experts of layer l+1.. arrive while layer l computes.
+
+One :class:`ExpertPrefetcher` per engine process. It owns ``depth + 1`` receive slots (each
+big enough for one layer's remote experts) and, on CUDA, one side stream. For MoE layer i of
+a forward pass, slot ``i % S`` holds its remote experts:
+
+    acquire(i):  the compute stream waits for the event "slot i%S filled with layer i"
+    release(i):  the compute stream records "slot i%S consumed"; the side stream waits for
+                 it, then pulls layer i+S into the slot (one-sided copies from peers' memory)
+
+Nothing here synchronises with the host or with another rank: ordering is by CUDA events
+on this GPU only. Layer 0's pull is issued at the start of a forward pass; in eager mode,
+when the slot cycle wraps cleanly (``num_layers % S == 0``), the last layers of a pass
+already pull the first layers of the next one, since expert weights do not change.
+
+On CPU the same schedule runs with synchronous copies (there are no streams).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_dwdp.placement import ExpertPlacement
+
+
+@dataclass
+class LayerPulls:
+    """What to copy for one layer: (destination slot tensor name, peer source, runs)."""
+
+    name: str
+    # per expert-param name: list of (peer tensor view, src_start, dst_start, count)
+    copies: dict[str, list[tuple[torch.Tensor, int, int, int]]] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+@dataclass
+class LayerStats:
+    pulls: int = 0
+    bytes_pulled: int = 0
+    pull_ms: float = 0.0          # side-stream time spent copying (CUDA events)
+    wait_ms: float = 0.0          # time the compute stream stood still for a pull
+    forwards: int = 0
+
+
+class ExpertPrefetcher:
+    def __init__(self, placement: ExpertPlacement, depth: int, device: torch.device,
+                 cross_step: bool):
+        self.placement = placement
+        self.num_slots = depth + 1
+        self.device = device
+        self.cross_step = cross_step
+        self.layers: list[LayerPulls] = []
+        self.slots: list[dict[str, torch.Tensor]] = []
+        self.stats: list[LayerStats] = []
+        self.is_cuda = device.type == "cuda"
+        self.holds: list[int | None] = [None] * self.num_slots  # layer index held (eager only)
+        self.check_alive = lambda: None
+        if self.is_cuda:
+            self.stream = torch.cuda.Stream(device=device)
+            self.filled = [torch.cuda.Event() for _ in range(self.num_slots)]
+            self.consumed = [torch.cuda.Event() for _ in range(self.num_slots)]
+            # (layer, pull start, pull end, compute arrival) events, resolved lazily
+            self._pending: deque = deque()
+            self._slot_entry: list[list | None] = [None] * self.num_slots
+
+    # ---- set-up -----------------------------------------------------------------------
+    def allocate_slots(self, templates: dict[str, torch.Tensor]) -> None:
+        """Receive slots shaped like ``templates`` (a layer's local expert params)."""
+        n = len(self.placement.remote_experts)
+        self.slots = [
+            {name: torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device)
+             for name, t in templates.items()}
+            for _ in range(self.num_slots)
+        ]
+
+    def add_layer(self, name: str, peer_params: dict[int, dict[str, torch.Tensor]]) -> int:
+        """Register the next MoE layer with its peers' expert params; returns its index."""
+        pulls = LayerPulls(name)
+        for pname in self.slots[0]:
+            runs = []
+            for run in self.placement.pulls:
+                src = peer_params[run.owner][pname]
+                runs.append((src, run.src_start, run.dst_start, run.count))
+                pulls.nbytes += run.count * src[0].numel() * src.element_size()
+            pulls.copies[pname] = runs
+        self.layers.append(pulls)
+        self.stats.append(LayerStats())
+        return len(self.layers) - 1
+
+    # ---- forward path -----------------------------------------------------------------
+    def acquire(self, i: int) -> dict[str, torch.Tensor]:
+        """Receive-slot tensors holding layer ``i``'s remote experts, ready for the compute stream."""
+        self.check_alive()
+        s = i % self.num_slots
+        if i == 0:
+            self._start_pass()
+        elif self.holds[s] != i:  # out of the expected order: pull now (correct, slower)
+            self._pull(i, s)
+        self.stats[i].forwards += 1
+        if self.is_cuda:
+            compute = torch.cuda.current_stream(self.device)
+            entry = self._slot_entry[s]
+            if self._timing() and entry is not None and entry[0] == i and len(entry) == 3:
+                arrival = torch.cuda.Event(enable_timing=True)
+                arrival.record(compute)
+                entry.append(arrival)
+            compute.wait_event(self.filled[s])
+        return self.slots[s]
+
+    def release(self, i: int) -> None:
+        """Layer ``i`` is done reading its slot: reuse it for the layer ``num_slots`` ahead."""
+        s = i % self.num_slots
+        if self.is_cuda:
+            self.consumed[s].record(torch.cuda.current_stream(self.device))
+        nxt = i + self.num_slots
+        if nxt < len(self.layers):
+            self._pull(nxt, s)
+        elif self.cross_step and not self._capturing():
+            wrapped = nxt - len(self.layers)
+            if wrapped % self.num_slots == s and wrapped < self.num_slots:
+                self._pull(wrapped, s)
+            else:
+                self.holds[s] = None
+        else:
+            self.holds[s] = None
+
+    # ---- internals ----------------------------------------------------------------------
+    def _start_pass(self) -> None:
+        for j in range(min(self.num_slots, len(self.layers))):
+            if not (self.cross_step and self.holds[j] == j) or self._capturing():
+                self._pull(j, j)
+
+    def _pull(self, i: int, s: int) -> None:
+        layer, slot = self.layers[i], self.slots[s]
+        st = self.stats[i]
+        st.pulls += 1
+        st.bytes_pulled += layer.nbytes
+        if not self.is_cuda:
+            t0 = time.perf_counter()
+            for pname, runs in layer.copies.items():
+                dst = slot[pname]
+                for src, a, b, n in runs:
+                    dst[b:b + n].copy_(src[a:a + n])
+            st.pull_ms += (time.perf_counter() - t0) * 1e3
+            self.holds[s] = i
+            return
+        timing = self._timing()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.consumed[s])
+            if timing:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.stream)
+            for pname, runs in layer.copies.items():
+                dst = slot[pname]
+                for src, a, b, n in runs:
+                    dst[b:b + n].copy_(src[a:a + n], non_blocking=True)
+            self.filled[s].record(self.stream)
+            if timing:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(self.stream)
+                entry = [i, start, end]
+                self._pending.append(entry)
+                self._slot_entry[s] = entry
+        self.holds[s] = i
+
+    def _capturing(self) -> bool:
+        return self.is_cuda and torch.cuda.is_current_stream_capturing()
+
+    def _timing(self) -> bool:
+        return self.is_cuda and not self._capturing()
+
+    def collect_timings(self) -> None:
+        """Fold finished CUDA-event timings into the per-layer stats (no waiting)."""
+        if not self.is_cuda:
+            return
+        while self._pending:
+            entry = self._pending[0]
+            if not entry[2].query() or (len(entry) == 4 and not entry[3].query()):
+                break  # oldest pull still running
+            self._pending.popleft()
+            i, start, end = entry[0], entry[1], entry[2]
+            self.stats[i].pull_ms += start.elapsed_time(end)
+            if len(entry) == 4:  # compute arrived at entry[3]: it waited until `end`
+                self.stats[i].wait_ms += max(0.0, entry[3].elapsed_time(end))
+        while len(self._pending) > 4096:  # stats are best effort; never grow without bound
+            self._pending.popleft()
