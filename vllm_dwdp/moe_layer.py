@@ -150,6 +150,12 @@ class DwdpRuntime:
                 for lp, st in zip(self.prefetcher.layers, self.prefetcher.stats)]
 
 
+def worker_stats(worker=None) -> list[dict]:
+    """Per-layer DWDP counters of this worker: ``llm.collective_rpc(worker_stats)``."""
+    runtime = DwdpRuntime.get()
+    return runtime.stats() if runtime is not None else []
+
+
 def _exit_on_peer_failure(message: str) -> None:
     """A peer is gone: stop this engine too (after a moment, so a running step can raise)."""
     def stop():

@@ -65,6 +65,31 @@ def build_qwen2_moe(path: str | Path, *, num_layers: int = 3, num_experts: int =
 
 BUILDERS = {"qwen3_moe": build_qwen3_moe, "qwen2_moe": build_qwen2_moe}
 
+_WORDS = ("the of and to in is you that it he was for on are as with his they at be this "
+          "from have or by one had not but what all were when we there can an your which their "
+          "said if do will each about how up out them then she many some so these would other "
+          "into has more her two like him see time could no make than first been its who now "
+          "people my made over did down only way find use may water long little very after "
+          "words called just where most know expert weight peer layer token model fast slow "
+          "memory link pull push rank data").split()
+
+
+def save_word_tokenizer(path: str | Path, vocab_size: int) -> None:
+    """A word-level tokenizer over ``vocab_size`` entries, so text prompts work offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<|endoftext|>"] + list(dict.fromkeys(_WORDS))
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                   eos_token="<|endoftext|>")
+    fast.save_pretrained(str(path))
+
 
 def _save(model_cls, cfg, path, seed: int) -> Path:
     path = Path(path)

@@ -24,16 +24,27 @@ def start_engine(spec: dict, workdir: Path, name: str) -> tuple[subprocess.Popen
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.harness.run_engine", str(spec_path), str(out_path)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: kill_engine reaches vLLM's children
     )
     proc._log_file = log  # closed by wait_engine
     return proc, out_path, log_path
+
+
+def kill_engine(proc: subprocess.Popen) -> None:
+    """SIGKILL the engine and every process it started (engine core, workers)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def wait_engine(proc: subprocess.Popen, out_path: Path, log_path: Path, timeout: float) -> dict:
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        kill_engine(proc)
         proc.wait()
         rc = "timeout"
     finally:

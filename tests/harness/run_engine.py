@@ -6,7 +6,11 @@ between them and several DWDP ranks can run side by side.
 
 SPEC keys: model, prompts (lists of token ids), max_tokens, logprobs (top-k to record),
 additional_config, dtype, enforce_eager, env (variables set before vLLM is imported),
-device ("cpu" or "cuda").
+device ("cpu" or "cuda"). For DWDP scenarios: ``dwdp_stats`` (record per-layer DWDP counters
+before and after generating), ``wait_for`` (a file whose appearance ends the run, for a rank
+that stays idle while a peer works), ``done_file`` (touched after generating), and
+``linger_s`` (keep serving one small request a second, to see how the engine reacts to a
+peer's death).
 """
 
 from __future__ import annotations
@@ -49,7 +53,21 @@ def run(spec: dict) -> dict:
         ignore_eos=True,
     )
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    stats_before = _dwdp_stats(llm) if spec.get("dwdp_stats") else None
+    outs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+    if spec.get("done_file"):
+        open(spec["done_file"], "w").close()
+    if spec.get("wait_for"):
+        deadline = time.monotonic() + spec.get("wait_timeout_s", 300)
+        while not os.path.exists(spec["wait_for"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{spec['wait_for']} did not appear")
+            time.sleep(0.2)
+    linger_until = time.monotonic() + spec.get("linger_s", 0)
+    while time.monotonic() < linger_until:
+        llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])],
+                     SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+        time.sleep(1.0)
     results = []
     for out in outs:
         comp = out.outputs[0]
@@ -62,7 +80,16 @@ def run(spec: dict) -> dict:
         })
     import vllm
 
-    return {"vllm_version": vllm.__version__, "startup_s": startup_s, "outputs": results}
+    out = {"vllm_version": vllm.__version__, "startup_s": startup_s, "outputs": results}
+    if stats_before is not None:
+        out["dwdp_stats_before"], out["dwdp_stats_after"] = stats_before, _dwdp_stats(llm)
+    return out
+
+
+def _dwdp_stats(llm):
+    from vllm_dwdp.moe_layer import worker_stats
+
+    return llm.collective_rpc(worker_stats)[0]
 
 
 def main() -> None:

@@ -1,0 +1,98 @@
+"""DWDP with real separate vLLM engines on CPU (shared-memory transport).
+
+Each rank is its own `vllm.LLM` in its own process, storing part of every MoE layer's
+experts and pulling the rest from its peer's memory; stock vLLM runs the same checkpoint in
+a third process. Greedy tokens must be equal and logprobs close.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import pytest
+
+from tests.harness.equality import (assert_outputs_equal, kill_engine, run_engines,
+                                    start_engine, wait_engine)
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 160))]
+_ports = itertools.count(29700 + (os.getpid() % 500) * 4)
+
+
+def dwdp_spec(model, rank, world_size, port, **dwdp):
+    # collective_rpc with a function (the stats reader) needs vLLM's pickle fallback.
+    return dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
+                env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
+                additional_config={"dwdp": {"enabled": True, "world_size": world_size,
+                                            "rank": rank, "master_port": port, **dwdp}})
+
+
+@pytest.mark.parametrize("kind, dwdp", [
+    ("qwen3_moe", {}),
+    # Qwen2-MoE has a shared expert; here the owners are uneven (4 + 2 of 6 experts) and one
+    # of rank 0's remote experts is replicated locally.
+    ("qwen2_moe", {"expert_owners": [0, 1, 0, 0, 1, 0], "replication": 0.5}),
+])
+def test_two_ranks_match_stock(moe_checkpoint, kind, dwdp):
+    model = moe_checkpoint(kind)
+    port = next(_ports)
+    results = run_engines({
+        "stock": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
+                      env={"VLLM_PLUGINS": ""}),
+        "rank0": dict(dwdp_spec(model, 0, 2, port, **dwdp), dwdp_stats=True),
+        "rank1": dict(dwdp_spec(model, 1, 2, port, **dwdp), dwdp_stats=True),
+    })
+    for rank in ("rank0", "rank1"):
+        assert_outputs_equal(results["stock"], results[rank], names=("stock", rank))
+        stats = results[rank]["dwdp_stats_after"]
+        assert stats and all(s["bytes_pulled"] > 0 for s in stats)  # experts really moved
+        log = open(results[rank]["log_path"]).read()
+        assert "connected to peers" in log
+
+
+def test_idle_rank_runs_no_forward(moe_checkpoint, tmp_path):
+    """Rank 0 serves requests while rank 1 has none: rank 1 runs no forward pass at all (no
+    dummy batches, no per-step collective), yet rank 0's pulls from rank 1's memory work."""
+    model = moe_checkpoint("qwen3_moe")
+    port = next(_ports)
+    done = str(tmp_path / "rank0-done")
+    results = run_engines({
+        "rank0": dict(dwdp_spec(model, 0, 2, port), dwdp_stats=True, done_file=done),
+        "rank1": dict(dwdp_spec(model, 1, 2, port), prompts=[], dwdp_stats=True,
+                      wait_for=done),
+    })
+    busy_before = results["rank0"]["dwdp_stats_before"][0]["forwards"]
+    busy_after = results["rank0"]["dwdp_stats_after"][0]["forwards"]
+    idle_before = results["rank1"]["dwdp_stats_before"][0]["forwards"]
+    idle_after = results["rank1"]["dwdp_stats_after"][0]["forwards"]
+    assert busy_after > busy_before  # rank 0 stepped through its requests
+    assert idle_after == idle_before  # rank 1 never stepped while rank 0 worked
+
+
+def test_dead_peer_stops_the_other_rank_with_a_clear_error(moe_checkpoint, tmp_path):
+    model = moe_checkpoint("qwen3_moe")
+    port = next(_ports)
+    workdir = tmp_path / "engines"
+    specs = {r: dict(dwdp_spec(model, r, 2, port, peer_timeout_s=10.0), prompts=[[1, 2, 3]],
+                     max_tokens=1, linger_s=240) for r in (0, 1)}
+    started = {r: start_engine(spec, workdir, f"rank{r}") for r, spec in specs.items()}
+    try:
+        logs = {r: started[r][2] for r in started}
+        deadline = time.monotonic() + 300
+        while not all("connected to peers" in logs[r].read_text() for r in logs):
+            assert time.monotonic() < deadline, "DWDP ranks did not connect"
+            for r, (proc, _, log) in started.items():
+                assert proc.poll() is None, f"rank {r} exited early:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        killed_at = time.monotonic()
+        kill_engine(started[1][0])
+        with pytest.raises(RuntimeError) as e:
+            wait_engine(*started[0], timeout=60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for proc, _, _ in started.values():
+            kill_engine(proc)
+    assert elapsed < 30, f"rank 0 took {elapsed:.0f} s to stop after its peer died"
+    assert "DWDP rank(s) [1] sent no heartbeat for 5 s" in logs[0].read_text()
+    assert "restart all DWDP ranks together" in str(e.value) + logs[0].read_text()
