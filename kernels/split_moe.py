@@ -121,6 +121,8 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
     for w in (w13_local, w2_local, w13_recv, w2_recv):
         if w.numel() and w.stride(-1) != 1:
             raise ValueError("expert weights must be contiguous in their last dimension")
+    # fp32 inputs get exact fp32 products (not tf32), to match vLLM's fp32 path.
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     sorted_pair, block_slot = align_pairs_by_slot(topk_ids, slot_of_expert, num_slots, block_m)
     max_blocks = block_slot.numel()
     inter = torch.empty(max_blocks * block_m, inter_size, dtype=x.dtype, device=x.device)
@@ -131,7 +133,8 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
         x, w13_local, w13_r, inter, sorted_pair, block_slot,
         H, inter_size, K, e_local,
         x.stride(0), w13_local.stride(0), w13_r.stride(0), w13_local.stride(1), inter.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        num_warps=8, num_stages=3,
     )
     out_pairs = torch.empty(T * K, H, dtype=torch.float32, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
@@ -139,6 +142,7 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
         inter, w2_local, w2_r, out_pairs, weights, sorted_pair, block_slot,
         H, inter_size, e_local,
         inter.stride(0), w2_local.stride(0), w2_r.stride(0), w2_local.stride(1), out_pairs.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        num_warps=8, num_stages=3,
     )
     return out_pairs.view(T, K, H).sum(dim=1).to(x.dtype)

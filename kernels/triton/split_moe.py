@@ -15,6 +15,7 @@ def gate_up_act_kernel(
     H, I, TOP_K, E_LOCAL,
     stride_xt, stride_wle, stride_wre, stride_wn, stride_inter,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """inter[row, n] = silu(x[tok] . W13[slot, n]) * (x[tok] . W13[slot, I + n])."""
     pid_m = tl.program_id(0)
@@ -44,8 +45,8 @@ def gate_up_act_kernel(
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         wu = tl.load(w_ptr + (offs_n[:, None] + I).to(tl.int64) * stride_wn + kk[None, :],
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc_g = tl.dot(a, tl.trans(wg), acc_g)
-        acc_u = tl.dot(a, tl.trans(wu), acc_u)
+        acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=PRECISION)
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(inter_ptr + rows[:, None].to(tl.int64) * stride_inter + offs_n[None, :],
              act.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
@@ -57,6 +58,7 @@ def down_kernel(
     H, I, E_LOCAL,
     stride_inter, stride_wle, stride_wre, stride_wn, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """out[pair, n] = topk_weight[pair] * (inter[row] . W2[slot, n])."""
     pid_m = tl.program_id(0)
@@ -82,7 +84,7 @@ def down_kernel(
                     mask=valid[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
     g = tl.load(weights_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0).to(tl.float32)
     acc = acc * g[:, None]
     safe_pair = tl.where(valid, pair, 0).to(tl.int64)

@@ -6,7 +6,7 @@ between them and several DWDP ranks can run side by side.
 
 SPEC keys: model, prompts (lists of token ids), max_tokens, logprobs (top-k to record),
 additional_config, dtype, enforce_eager, env (variables set before vLLM is imported),
-device ("cpu" or "cuda"). For DWDP scenarios: ``dwdp_stats`` (record per-layer DWDP counters
+device ("cpu" or "cuda"), text (load the model's tokenizer and return text too). For DWDP scenarios: ``dwdp_stats`` (record per-layer DWDP counters
 before and after generating), ``wait_for`` (a file whose appearance ends the run, for a rank
 that stays idle while a peer works), ``done_file`` (touched after generating), and
 ``linger_s`` (keep serving one small request a second, to see how the engine reacts to a
@@ -35,7 +35,7 @@ def run(spec: dict) -> dict:
     t0 = time.monotonic()
     llm = LLM(
         model=spec["model"],
-        skip_tokenizer_init=True,
+        skip_tokenizer_init=not spec.get("text", False),
         dtype=spec.get("dtype", "float32"),
         enforce_eager=spec.get("enforce_eager", True),
         max_model_len=spec.get("max_model_len", 256),
@@ -49,7 +49,7 @@ def run(spec: dict) -> dict:
         temperature=0.0,
         max_tokens=spec.get("max_tokens", 8),
         logprobs=spec.get("logprobs", 5),
-        detokenize=False,
+        detokenize=spec.get("text", False),
         ignore_eos=True,
     )
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
@@ -72,6 +72,7 @@ def run(spec: dict) -> dict:
     for out in outs:
         comp = out.outputs[0]
         results.append({
+            "text": comp.text,
             "token_ids": list(comp.token_ids),
             # one {token_id: logprob} dict per generated position
             "logprobs": [

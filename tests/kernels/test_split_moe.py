@@ -76,7 +76,8 @@ def test_bad_shapes_raise_one_clear_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3),
+                                        (torch.float32, 1e-5)])
 @pytest.mark.parametrize("T, H, I, E, K, e_local", [(1, 256, 128, 8, 2, 4), (300, 512, 256, 16, 4, 5),
                                                      (2048, 2048, 768, 32, 8, 16), (77, 384, 192, 8, 2, 8)])
 def test_triton_matches_reference(T, H, I, E, K, e_local, dtype, tol):

@@ -1,0 +1,75 @@
+"""`vllm-dwdp serve`: two DWDP engines behind one OpenAI endpoint, against stock vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from examples.ask import complete, wait_ready
+from examples.tiny_moe import main as build_tiny_moe
+from tests.harness.equality import run_engines
+from tests.harness.results import record_result
+
+PROMPTS = [[48, 106, 7, 2, 100, 110], [5, 6, 7, 8, 9, 10, 11, 12, 13]]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu_2)])
+def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
+    model = str(tmp_path / "tiny-moe")
+    build_tiny_moe(model)
+    stock = run_engines({"stock": dict(model=model, prompts=PROMPTS, max_tokens=8, text=True,
+                                       device=device, env={"VLLM_PLUGINS": ""})})["stock"]
+    port = 18000 + os.getpid() % 1000 * 3
+    args = [sys.executable, "-m", "vllm_dwdp.cli", "serve", model, "--port", str(port),
+            "--master-port", str(port + 2), "--max-model-len", "256", "--enforce-eager"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    if device == "cpu":
+        args += ["--num-ranks", "2"]
+    else:
+        args += ["--num-ranks", "2", "--gpu-memory-utilization", "0.3"]
+    log = open(tmp_path / "launcher.log", "w")
+    server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=600)
+        answers = {}
+        for rank in (0, 1):
+            for i, prompt in enumerate(PROMPTS):
+                body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8,
+                                   "temperature": 0, "ignore_eos": True}).encode()
+                req = urllib.request.Request(base + "/v1/completions", data=body, headers={
+                    "Content-Type": "application/json", "X-DWDP-Rank": str(rank)})
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    assert r.headers["X-DWDP-Rank"] == str(rank)
+                    answers[rank, i] = json.load(r)["choices"][0]["text"]
+        with urllib.request.urlopen(base + "/dwdp/ranks") as r:
+            ranks = json.load(r)
+        unpinned = complete(base, model, "how fast is the expert pull")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            rc = server.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            rc = "hung"
+        log.close()
+    launcher_log = (tmp_path / "launcher.log").read_text()
+    for (rank, i), text in answers.items():
+        assert text == stock["outputs"][i]["text"], (
+            f"rank {rank} prompt {i}: {text!r} != stock {stock['outputs'][i]['text']!r}")
+    assert [r["served"] for r in ranks] == [2, 2]
+    assert unpinned["choices"][0]["text"]
+    assert "connected to peers" in launcher_log
+    assert rc == 0, f"launcher did not stop cleanly ({rc}):\n{launcher_log[-3000:]}"
+    record_result(f"dwdp_launcher_{device}", {
+        "tokens_equal": True, "num_ranks": 2, "prompts": len(PROMPTS),
+        "answers": {f"rank{r}_prompt{i}": t for (r, i), t in answers.items()},
+    })
