@@ -234,10 +234,15 @@ def plan_from_args(args, vllm_args: list[str]) -> LaunchPlan:
     if devices and num > len(devices):
         raise SystemExit(f"vllm-dwdp serve: --num-ranks {num} but only {len(devices)} GPUs are "
                          f"visible (CUDA_VISIBLE_DEVICES={visible!r})")
+    base_port = args.rank_base_port or args.port + 1
+    used = {args.port, *range(base_port, base_port + num)}
+    if args.master_port in used:
+        raise SystemExit(f"vllm-dwdp serve: --master-port {args.master_port} collides with the "
+                         f"endpoint or engine ports {sorted(used)}; pick another")
     try:
         dwdp = json.loads(args.dwdp)
     except ValueError as e:
         raise SystemExit(f"vllm-dwdp serve: --dwdp must be a JSON object: {e}") from None
     return LaunchPlan(model=args.model, num_ranks=num, devices=devices[:num],
-                      base_port=args.rank_base_port or args.port + 1,
+                      base_port=base_port,
                       master_port=args.master_port, dwdp=dwdp, vllm_args=vllm_args)

@@ -26,10 +26,10 @@ def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
     build_tiny_moe(model)
     stock = run_engines({"stock": dict(model=model, prompts=PROMPTS, max_tokens=8, text=True,
                                        device=device, env={"VLLM_PLUGINS": ""})})["stock"]
-    port = 18000 + os.getpid() % 1000 * 3
+    port = 18000 + os.getpid() % 1000 * 12
     args = [sys.executable, "-m", "vllm_dwdp.cli", "serve", model, "--port", str(port),
-            "--master-port", str(port + 2), "--max-model-len", "256", "--enforce-eager"]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+            "--master-port", str(port + 10), "--max-model-len", "256", "--enforce-eager"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
     if device == "cpu":
         args += ["--num-ranks", "2"]
     else:
@@ -65,7 +65,7 @@ def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
     for (rank, i), text in answers.items():
         assert text == stock["outputs"][i]["text"], (
             f"rank {rank} prompt {i}: {text!r} != stock {stock['outputs'][i]['text']!r}")
-    assert [r["served"] for r in ranks] == [2, 2]
+    assert all(r["served"] >= 2 for r in ranks)  # two pinned completions each (+ probes)
     assert unpinned["choices"][0]["text"]
     assert "connected to peers" in launcher_log
     assert rc == 0, f"launcher did not stop cleanly ({rc}):\n{launcher_log[-3000:]}"
