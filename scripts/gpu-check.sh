@@ -12,9 +12,9 @@ export DWDP_RESULTS_DIR="$OUT" DWDP_RESULTS_COMMAND="bash scripts/gpu-check.sh $
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
 set +e
-python3 -m pytest -m "gpu or gpu_2" -v -rA tests "$@" 2>&1 | tee "$OUT/pytest.log"
+python3 -m pytest -m "gpu or gpu_2" -v -rA "${@:-tests}" 2>&1 | tee "$OUT/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e
 # Keep the engine logs of the GPU runs (plugin loading is visible there).
-for f in /tmp/vllm-dwdp-eq-*/plugin*.log; do [ -f "$f" ] && cp "$f" "$OUT/" || true; done
+for f in /tmp/vllm-dwdp-eq-*/plugin*.log /tmp/vllm-dwdp-eq-*/rank0.log; do [ -f "$f" ] && cp "$f" "$OUT/" || true; done
 exit "$rc"
