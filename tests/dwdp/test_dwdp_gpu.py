@@ -29,7 +29,10 @@ def test_two_gpu_ranks_match_stock(moe_checkpoint, kind):
     })
     worst = 0.0
     for name, res in ranks.items():
-        worst = max(worst, assert_outputs_equal(stock["stock"], res, names=("stock", name)))
+        # Stock vLLM's fp32 MoE on CUDA multiplies in tf32 (~1e-3 relative), DWDP's kernel in
+        # exact fp32: logprobs agree to a few 1e-3, tokens exactly.
+        worst = max(worst, assert_outputs_equal(stock["stock"], res, names=("stock", name),
+                                                logprob_atol=1e-2))
         assert all(s["bytes_pulled"] > 0 for s in res["dwdp_stats_after"])
         assert "through cuda_ipc" in open(res["log_path"]).read()
     record_result(f"dwdp_e2e_{kind}", {
