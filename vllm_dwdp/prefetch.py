@@ -66,6 +66,7 @@ class ExpertPrefetcher:
             # (layer, pull start, pull end, compute arrival) events, resolved lazily
             self._pending: deque = deque()
             self._slot_entry: list[list | None] = [None] * self.num_slots
+        self._memcpy, self._memcpy_default = _find_memcpy() if self.is_cuda else (None, None)
 
     # ---- set-up -----------------------------------------------------------------------
     def allocate_slots(self, templates: dict[str, torch.Tensor]) -> None:
@@ -157,7 +158,7 @@ class ExpertPrefetcher:
             for pname, runs in layer.copies.items():
                 dst = slot[pname]
                 for src, a, b, n in runs:
-                    dst[b:b + n].copy_(src[a:a + n], non_blocking=True)
+                    self._copy(dst[b:b + n], src[a:a + n])
             self.filled[s].record(self.stream)
             if timing:
                 end = torch.cuda.Event(enable_timing=True)
@@ -166,6 +167,16 @@ class ExpertPrefetcher:
                 self._pending.append(entry)
                 self._slot_entry[s] = entry
         self.holds[s] = i
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """One-sided pull on this GPU's side stream: a copy-engine memcpy from peer memory."""
+        if self._memcpy is None:
+            dst.copy_(src, non_blocking=True)
+            return
+        err, = self._memcpy(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size(),
+                            self._memcpy_default, self.stream.cuda_stream)
+        if int(err) != 0:
+            raise RuntimeError(f"DWDP pull failed: cudaMemcpyAsync returned {err}")
 
     def _capturing(self) -> bool:
         return self.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -188,3 +199,21 @@ class ExpertPrefetcher:
                 self.stats[i].wait_ms += max(0.0, entry[3].elapsed_time(end))
         while len(self._pending) > 4096:  # stats are best effort; never grow without bound
             self._pending.popleft()
+
+
+def _find_memcpy():
+    """cudaMemcpyAsync from cuda-python, if installed (and not turned off).
+
+    torch's cross-device ``copy_`` runs the copy on the *source* device's stream and fences
+    both devices' streams around it; a plain cudaMemcpyAsync with unified addressing runs
+    on this GPU's side stream only, which is what a one-sided pull is.
+    """
+    import os
+
+    if os.environ.get("VLLM_DWDP_COPY_IMPL", "auto") == "torch":
+        return None, None
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None, None
+    return cudart.cudaMemcpyAsync, cudart.cudaMemcpyKind.cudaMemcpyDefault
