@@ -166,10 +166,25 @@ def _exit_on_peer_failure(message: str) -> None:
 
 
 class DwdpRoutedExperts(RoutedExperts):
-    """vLLM's RoutedExperts; with DWDP on, it holds only this rank's experts."""
+    """vLLM's RoutedExperts; with DWDP on, it holds only this rank's experts.
+
+    It is the one out-of-tree replacement of RoutedExperts in this package: with FlexTensor
+    on instead, it hands the layer to ``vllm_flextensor.moe_layer``; with neither, it is
+    exactly vLLM's class.
+    """
 
     def __init__(self, *args, **kwargs):
         cfg = vllm_compat.current_dwdp_config()
+        offload = vllm_compat.current_flextensor_config()
+        if offload.enabled:
+            if cfg.enabled:
+                raise NotImplementedError("DWDP and FlexTensor cannot both be enabled on one "
+                                          "engine yet; enable one of them")
+            from vllm_flextensor.moe_layer import init_offloaded_experts
+
+            self.dwdp_runtime = None
+            init_offloaded_experts(self, super().__init__, args, kwargs, offload)
+            return
         if not cfg.enabled:
             super().__init__(*args, **kwargs)
             self.dwdp_runtime = None

@@ -152,6 +152,15 @@ def current_dwdp_config():
     return parse_dwdp_config(get_current_vllm_config().additional_config)
 
 
+def current_flextensor_config():
+    """The FlexTensor settings of the engine being built in this process (worker side)."""
+    from vllm.config import get_current_vllm_config
+
+    from vllm_flextensor.config import parse_flextensor_config
+
+    return parse_flextensor_config(get_current_vllm_config().additional_config)
+
+
 def is_eager() -> bool:
     """True when no CUDA graph will capture the forward pass (cross-step prefetch is safe)."""
     from vllm.config import get_current_vllm_config
