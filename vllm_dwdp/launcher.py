@@ -55,8 +55,10 @@ class LaunchPlan:
                 "--model", self.model, "--host", "127.0.0.1", "--port", str(self.base_port + rank),
                 "--additional-config", json.dumps(additional), *self.vllm_args]
 
-    def env(self, rank: int) -> dict[str, str]:
-        env = dict(os.environ)
+    def env(self, rank: int, metrics_dir: str) -> dict[str, str]:
+        # vLLM's multiprocess Prometheus mode: the rank's /metrics then also shows the
+        # counters its worker process keeps (vllm:dwdp_*).
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
         if self.devices:
             own = self.devices[rank]
             env["CUDA_VISIBLE_DEVICES"] = ",".join([own] + [d for d in self.devices if d != own])
@@ -162,10 +164,14 @@ def launch(plan: LaunchPlan, host: str, port: int, startup_timeout: float) -> in
     from vllm_dwdp.vllm_compat import logger
 
     log = logger("dwdp.launcher")
+    import tempfile
+
     backends = [Backend(r, plan.base_port + r) for r in range(plan.num_ranks)]
-    for b in backends:
+    metrics_dirs = [tempfile.TemporaryDirectory(prefix=f"vllm-dwdp-metrics-rank{b.rank}-")
+                    for b in backends]
+    for b, mdir in zip(backends, metrics_dirs):
         log.info("starting DWDP rank %d: %s", b.rank, " ".join(plan.command(b.rank)))
-        b.proc = subprocess.Popen(plan.command(b.rank), env=plan.env(b.rank),
+        b.proc = subprocess.Popen(plan.command(b.rank), env=plan.env(b.rank, mdir.name),
                                   start_new_session=True)
 
     def stop_all(*_):

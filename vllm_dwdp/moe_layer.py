@@ -77,6 +77,7 @@ class DwdpRuntime:
         self.group: PeerGroup | None = None
         self.prefetcher: ExpertPrefetcher | None = None
         self.placement: ExpertPlacement | None = None
+        self.metrics = None
 
     @classmethod
     def get(cls) -> DwdpRuntime | None:
@@ -141,6 +142,16 @@ class DwdpRuntime:
         log.info("DWDP rank %d connected to peers %s for %d MoE layers (%.1f MiB pulled per "
                  "forward pass)", self.cfg.rank, sorted(peers), len(self.layers),
                  sum(lp.nbytes for lp in self.prefetcher.layers) / 2**20)
+
+    def on_forward_start(self) -> None:
+        """Once per forward pass: publish the counters gathered so far (never waits)."""
+        if self.metrics is None:
+            from vllm_dwdp.metrics import MetricsPublisher
+
+            self.metrics = MetricsPublisher(self.cfg.rank)
+        self.metrics.forward()
+        if not self.prefetcher._capturing():
+            self.metrics.publish(self.stats())
 
     def stats(self) -> list[dict]:
         if self.prefetcher is None:
@@ -250,8 +261,11 @@ class DwdpExpertsMethod(torch.nn.Module):
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None,
               shared_experts_input=None):
-        prefetcher = layer.dwdp_runtime.prefetcher
+        runtime = layer.dwdp_runtime
+        prefetcher = runtime.prefetcher
         i = layer.dwdp_index
+        if i == 0:
+            runtime.on_forward_start()
         recv = prefetcher.acquire(i)
         out = split_moe(x, topk_weights, topk_ids, layer.w13_weight, layer.w2_weight,
                         recv["w13_weight"], recv["w2_weight"], layer.dwdp_slot_of_expert)

@@ -112,14 +112,31 @@ def _register_layer() -> None:
 
 
 def _prefer_eager_where_needed(engine_args) -> None:
-    """On CPU, vLLM compiles the MoE call into the model graph (no opaque custom op), which
-    would freeze DWDP's per-step pull schedule at trace time: run those engines eagerly."""
+    """Keep DWDP's pull schedule out of captured graphs.
+
+    CPU: vLLM compiles the MoE call into the model graph (no opaque custom op), which would
+    freeze the per-step pull schedule at trace time, so those engines run eagerly.
+    CUDA: the MoE layer is an opaque custom op inside torch.compile's graph, which is fine,
+    but vLLM captures CUDA graphs piece by piece (split at attention), and a pull issued in
+    one piece for a layer of the next piece would cross graph boundaries. DWDP engines
+    therefore run compiled without CUDA graphs; prefill-heavy steps, where DWDP pays off,
+    gain little from graphs.
+    """
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu() and not engine_args.enforce_eager:
+    if engine_args.enforce_eager:
+        return
+    if current_platform.is_cpu():
         logger("dwdp").warning("DWDP on CPU runs the model eagerly (enforce_eager=True): the "
                                "CPU backend traces MoE layers into its compiled graph")
         engine_args.enforce_eager = True
+        return
+    from vllm.config.compilation import CUDAGraphMode
+
+    logger("dwdp").warning("DWDP runs this engine without CUDA graphs (cudagraph_mode=NONE; "
+                           "torch.compile stays on): pulls ordered across graph pieces cannot "
+                           "be captured")
+    engine_args.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
 
 
 def routed_experts_class():

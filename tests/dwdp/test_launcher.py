@@ -52,6 +52,11 @@ def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
                     answers[rank, i] = json.load(r)["choices"][0]["text"]
         with urllib.request.urlopen(base + "/dwdp/ranks") as r:
             ranks = json.load(r)
+        metrics = {}
+        for rank in (0, 1):
+            req = urllib.request.Request(base + "/metrics", headers={"X-DWDP-Rank": str(rank)})
+            with urllib.request.urlopen(req) as r:
+                metrics[rank] = r.read().decode()
         unpinned = complete(base, model, "how fast is the expert pull")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -68,6 +73,12 @@ def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
     assert all(r["served"] >= 2 for r in ranks)  # two pinned completions each (+ probes)
     assert unpinned["choices"][0]["text"]
     assert "connected to peers" in launcher_log
+    for rank in (0, 1):  # each rank's /metrics carries its worker's DWDP counters
+        pulled = [line for line in metrics[rank].splitlines()
+                  if line.startswith("vllm:dwdp_bytes_pulled_total{")]
+        assert pulled and all(float(line.rsplit(" ", 1)[1]) > 0 for line in pulled), \
+            metrics[rank][-2000:]
+        assert f'dwdp_rank="{rank}"' in pulled[0]
     assert rc == 0, f"launcher did not stop cleanly ({rc}):\n{launcher_log[-3000:]}"
     record_result(f"dwdp_launcher_{device}", {
         "tokens_equal": True, "num_ranks": 2, "prompts": len(PROMPTS),
