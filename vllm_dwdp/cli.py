@@ -2,6 +2,8 @@
 
 - ``serve MODEL [options] [vLLM options]``: one DWDP engine per GPU behind one OpenAI endpoint
   (options this command does not know go to every ``vllm serve`` it starts).
+- ``plan --model CONFIG.json --gpus N``: predicted pull time, break-even tokens per step and
+  speedup over DP+EP (see ``vllm_dwdp/planner.py`` for the model).
 - ``settings``: every plugin key with its environment variable, default and meaning.
 """
 
@@ -29,6 +31,15 @@ def _serve(args, extra: list[str]) -> int:
     return launch(plan, args.host, args.port, args.startup_timeout)
 
 
+def _plan(args) -> int:
+    from vllm_dwdp.planner import plan_report
+
+    print(plan_report(args.model, args.gpus, isl=args.isl, load_cv=args.load_cv,
+                      replication=args.replication, weight_bytes=args.weight_bytes,
+                      link_gbs=args.link_gbs, gemm_tflops=args.gemm_tflops))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vllm_dwdp.launcher import add_serve_args
 
@@ -36,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("settings", help="list every plugin setting").set_defaults(func=_settings)
+    from vllm_dwdp import planner
+
+    plan = sub.add_parser("plan", help="predict whether DWDP pays off")
+    plan.add_argument("--model", required=True, help="the model's config.json")
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--isl", type=int, default=8192, help="prompt length (attention cost)")
+    plan.add_argument("--load-cv", type=float, default=0.0, help="per-rank load spread")
+    plan.add_argument("--replication", type=float, default=0.0)
+    plan.add_argument("--weight-bytes", type=float, default=2.0, help="2 bf16, ~1.03 fp8")
+    plan.add_argument("--link-gbs", type=float, default=planner.DEFAULT_LINK_GBS)
+    plan.add_argument("--gemm-tflops", type=float, default=planner.DEFAULT_GEMM_TFLOPS)
+    plan.set_defaults(func=_plan)
     serve = sub.add_parser("serve", help="serve a model with DWDP, one engine per GPU")
     add_serve_args(serve)
     serve.set_defaults(func=_serve)
