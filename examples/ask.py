@@ -15,7 +15,8 @@ def wait_ready(base: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(base + "/v1/models", timeout=5):
+            with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
+                r.read()
                 return
         except OSError:
             if time.monotonic() > deadline:

@@ -111,9 +111,12 @@ async def serve_proxy(router: Router, host: str, port: int, stop: asyncio.Event)
                         resp.headers[k] = v
                 resp.headers["X-DWDP-Rank"] = str(backend.rank)
                 await resp.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
-                await resp.write_eof()
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                except ConnectionResetError:  # the client went away; the engine aborts it
+                    pass
                 return resp
         finally:
             backend.outstanding_tokens -= tokens
