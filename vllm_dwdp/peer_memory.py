@@ -15,6 +15,7 @@ Transports:
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import threading
@@ -80,9 +81,11 @@ class _ShmTransport:
         return torch.from_file(h["path"], shared=True, size=h["nbytes"], dtype=torch.uint8)
 
     def close(self) -> None:
-        for path in self._paths:  # peers keep their mappings until they exit
+        """Remove the slab files' names; every mapping (ours, peers') stays valid."""
+        for path in self._paths:
             if os.path.exists(path):
                 os.unlink(path)
+        self._paths.clear()
 
 
 class _CudaIpcTransport:
@@ -166,6 +169,7 @@ class PeerGroup:
                 f"and that the port is free."
             ) from e
         self.transport = make_transport(cfg, device, self.instance)
+        atexit.register(self.close)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -204,6 +208,9 @@ class PeerGroup:
         for p in range(self.cfg.world_size):
             if p != r:
                 self._wait_key(f"mapped/{p}", p)
+        # Every peer holds its mappings now: names in /dev/shm are no longer needed, and
+        # removing them here means even a killed rank leaves nothing behind.
+        self.transport.close()
         self._start_watcher()
 
     def _wait_key(self, key: str, peer: int) -> bytes:
