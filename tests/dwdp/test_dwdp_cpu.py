@@ -7,6 +7,7 @@ a third process. Greedy tokens must be equal and logprobs close.
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import time
@@ -28,20 +29,27 @@ def dwdp_spec(model, rank, world_size, port, **dwdp):
                                             "rank": rank, "master_port": port, **dwdp}})
 
 
+def stay_until_both_done(tmp_path, rank: int) -> dict:
+    """A rank's expert memory must outlive its peers' use of it: each rank, once done,
+    waits for the other (a rank that exits is a dead peer, see the last test)."""
+    return {"done_file": str(tmp_path / f"done{rank}"),
+            "wait_for": str(tmp_path / f"done{1 - rank}")}
+
+
 @pytest.mark.parametrize("kind, dwdp", [
     ("qwen3_moe", {}),
     # Qwen2-MoE has a shared expert; here the owners are uneven (4 + 2 of 6 experts) and one
     # of rank 0's remote experts is replicated locally.
     ("qwen2_moe", {"expert_owners": [0, 1, 0, 0, 1, 0], "replication": 0.5}),
 ])
-def test_two_ranks_match_stock(moe_checkpoint, kind, dwdp):
+def test_two_ranks_match_stock(moe_checkpoint, kind, dwdp, tmp_path):
     model = moe_checkpoint(kind)
     port = next(_ports)
     results = run_engines({
         "stock": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
                       env={"VLLM_PLUGINS": ""}),
-        "rank0": dict(dwdp_spec(model, 0, 2, port, **dwdp), dwdp_stats=True),
-        "rank1": dict(dwdp_spec(model, 1, 2, port, **dwdp), dwdp_stats=True),
+        **{f"rank{r}": dict(dwdp_spec(model, r, 2, port, **dwdp), dwdp_stats=True,
+                            **stay_until_both_done(tmp_path, r)) for r in (0, 1)},
     })
     for rank in ("rank0", "rank1"):
         assert_outputs_equal(results["stock"], results[rank], names=("stock", rank))
@@ -49,6 +57,8 @@ def test_two_ranks_match_stock(moe_checkpoint, kind, dwdp):
         assert stats and all(s["bytes_pulled"] > 0 for s in stats)  # experts really moved
         log = open(results[rank]["log_path"]).read()
         assert "connected to peers" in log
+    # Slab files are unlinked once mapped: nothing is left in /dev/shm.
+    assert not glob.glob(f"/dev/shm/vllm-dwdp-{port}-*")
 
 
 def test_idle_rank_runs_no_forward(moe_checkpoint, tmp_path):

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from tests.harness.equality import assert_outputs_equal, run_engines
+from tests.dwdp.test_dwdp_cpu import stay_until_both_done
 from tests.harness.results import record_result
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 160))]
@@ -14,13 +15,13 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 160))]
 
 @pytest.mark.gpu_2
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe"])
-def test_two_gpu_ranks_match_stock(moe_checkpoint, kind):
+def test_two_gpu_ranks_match_stock(moe_checkpoint, kind, tmp_path):
     model = moe_checkpoint(kind)
     base = dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5, device="cuda")
     stock = run_engines({"stock": dict(base, env={"VLLM_PLUGINS": "", "CUDA_VISIBLE_DEVICES": "0"})})
     port = 29800 + os.getpid() % 100
     ranks = run_engines({
-        f"rank{r}": dict(base, dwdp_stats=True,
+        f"rank{r}": dict(base, dwdp_stats=True, **stay_until_both_done(tmp_path, r),
                          env={"CUDA_VISIBLE_DEVICES": "0,1" if r == 0 else "1,0",
                               "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
                          additional_config={"dwdp": {"enabled": True, "world_size": 2,
