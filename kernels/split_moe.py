@@ -13,11 +13,35 @@ with ``W13[e] = [W1_gate; W1_up]`` stacked along dim 0, as vLLM stores ``w13_wei
 
 Shapes: x [T, H]; topk_weights [T, K] (float); topk_ids [T, K] (int, global ids);
 w13_* [E_*, 2I, H]; w2_* [E_*, H, I]; slot_of_expert [E] (int32). Output [T, H], x.dtype.
+
+FP8 experts (block-scaled, as DeepSeek-V3 / Qwen3-FP8 checkpoints store them and vLLM's
+``Fp8MoEMethod`` loads them): the weights are ``float8_e4m3fn`` and :class:`BlockScales` holds
+their ``weight_scale_inv`` tensors, one float32 scale per [block_n x block_k] tile
+(dequantised weight = fp8 value x scale). Activations are quantised the way vLLM does it
+for this format: per token, per group of ``block_k`` consecutive channels, dynamically
+(scale = max|a| / 448), both before the gate/up GEMM and before the down GEMM.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+FP8_EPS = 1e-10  # floor of a group's max |a|, as vLLM's per-token-group quantiser
+
+
+@dataclass(frozen=True)
+class BlockScales:
+    """Block scales of FP8 experts: w13_* [E_*, 2I/bn, H/bk], w2_* [E_*, H/bn, I/bk] (float32)."""
+
+    w13_local: torch.Tensor
+    w2_local: torch.Tensor
+    w13_recv: torch.Tensor
+    w2_recv: torch.Tensor
+    block_n: int = 128
+    block_k: int = 128
 
 
 def _check(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv, slot_of_expert):
@@ -40,10 +64,65 @@ def _check(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv, sl
     return total
 
 
+def _check_fp8(w13_local, w2_local, w13_recv, w2_recv, scales: BlockScales | None) -> bool:
+    """True for block-scaled FP8 experts (scales given), after checking they fit."""
+    fp8 = w13_local.dtype == torch.float8_e4m3fn
+    if fp8 != (scales is not None):
+        raise ValueError("FP8 expert weights need their block scales (scales=BlockScales(...)), "
+                         "and block scales need FP8 weights; got weights of "
+                         f"{w13_local.dtype} with scales {'given' if scales else 'missing'}")
+    if not fp8:
+        return False
+    bn, bk = scales.block_n, scales.block_k
+    for name, w, sc in (("w13_local", w13_local, scales.w13_local),
+                        ("w2_local", w2_local, scales.w2_local),
+                        ("w13_recv", w13_recv, scales.w13_recv), ("w2_recv", w2_recv, scales.w2_recv)):
+        want = (w.shape[0], -(-w.shape[1] // bn), -(-w.shape[2] // bk))
+        if w.dtype != torch.float8_e4m3fn or tuple(sc.shape) != want:
+            raise ValueError(f"{name}: weights {w.dtype} {tuple(w.shape)} need float8_e4m3fn "
+                             f"weights and scales of shape {want} for {bn}x{bk} blocks; got "
+                             f"scales {tuple(sc.shape)}")
+    return True
+
+
+def quantize_groups_reference(a: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row, per-``group``-channel dynamic FP8 quantisation: (fp8 values, float32 scales)."""
+    M, K = a.shape
+    pad = (-K) % group
+    g = torch.nn.functional.pad(a.float(), (0, pad)).view(M, -1, group)
+    scale = g.abs().amax(-1).clamp(min=FP8_EPS) / FP8_MAX
+    q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(M, -1)[:, :K], scale
+
+
+def quantize_blocks_reference(w: torch.Tensor, block_n: int = 128,
+                              block_k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block FP8 quantisation of a [..., N, K] weight, as block-FP8 checkpoints store it:
+    (float8_e4m3fn weight, float32 ``weight_scale_inv`` [..., N/bn, K/bk])."""
+    *lead, n, k = w.shape
+    pn, pk = (-n) % block_n, (-k) % block_k
+    t = torch.nn.functional.pad(w.float(), (0, pk, 0, pn))
+    t = t.view(*lead, (n + pn) // block_n, block_n, (k + pk) // block_k, block_k)
+    scale = t.abs().amax(dim=(-3, -1)).clamp(min=FP8_EPS) / FP8_MAX
+    q = (t / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = q.view(*lead, n + pn, k + pk)[..., :n, :k].contiguous()
+    return q, scale
+
+
+def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    return q.float() * scale.repeat_interleave(group, dim=1)[:, :q.shape[1]]
+
+
+def _dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    n, k = w.shape
+    return w.float() * scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+
+
 def split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
-                        slot_of_expert) -> torch.Tensor:
+                        slot_of_expert, scales: BlockScales | None = None) -> torch.Tensor:
     """Pure-torch split-weight MoE (float32 accumulation). Runs on any device."""
     _check(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv, slot_of_expert)
+    fp8 = _check_fp8(w13_local, w2_local, w13_recv, w2_recv, scales)
     T, H = x.shape
     e_local = w13_local.shape[0]
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
@@ -56,12 +135,24 @@ def split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv
     used, counts = torch.unique_consecutive(slots, return_counts=True)
     start = 0
     for slot, n in zip(used.tolist(), counts.tolist()):
-        w13, w2 = ((w13_local[slot], w2_local[slot]) if slot < e_local
-                   else (w13_recv[slot - e_local], w2_recv[slot - e_local]))
+        local = slot < e_local
+        i = slot if local else slot - e_local
+        w13, w2 = (w13_local[i], w2_local[i]) if local else (w13_recv[i], w2_recv[i])
         toks = flat_tok[start:start + n]
-        h = x[toks].float() @ w13.float().t()
+        a = x[toks].float()
+        if fp8:
+            s13, s2 = ((scales.w13_local[i], scales.w2_local[i]) if local
+                       else (scales.w13_recv[i], scales.w2_recv[i]))
+            a = _dequantize_groups(*quantize_groups_reference(a, scales.block_k), scales.block_k)
+            w13 = _dequantize_blocks(w13, s13, scales.block_n, scales.block_k)
+            w2 = _dequantize_blocks(w2, s2, scales.block_n, scales.block_k)
+        h = a @ w13.float().t()
         inter = h.shape[1] // 2
         act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        act = act.to(x.dtype).float()  # the kernel keeps the activation in x.dtype
+        if fp8:
+            act = _dequantize_groups(*quantize_groups_reference(act, scales.block_k),
+                                     scales.block_k)
         y = (act @ w2.float().t()) * flat_w[start:start + n, None]
         out.index_add_(0, toks, y)
         start += n
@@ -69,13 +160,11 @@ def split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv
 
 
 def split_moe(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
-              slot_of_expert) -> torch.Tensor:
+              slot_of_expert, scales: BlockScales | None = None) -> torch.Tensor:
     """Split-weight MoE; the Triton kernel on CUDA, the reference elsewhere."""
-    if x.is_cuda:
-        return _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv,
-                                 w2_recv, slot_of_expert)
-    return split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
-                               slot_of_expert)
+    fn = _split_moe_triton if x.is_cuda else split_moe_reference
+    return fn(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
+              slot_of_expert, scales)
 
 
 def align_pairs_by_slot(topk_ids, slot_of_expert, num_slots: int, block_m: int):
@@ -106,12 +195,20 @@ def align_pairs_by_slot(topk_ids, slot_of_expert, num_slots: int, block_m: int):
 
 
 def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
-                      slot_of_expert, block_m: int = 64, block_n: int = 128, block_k: int = 64):
+                      slot_of_expert, scales: BlockScales | None = None, block_m: int = 64,
+                      block_n: int = 128, block_k: int = 64):
     import triton
 
     from vllm_dwdp_kernels.triton.split_moe import down_kernel, gate_up_act_kernel
 
     _check(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv, slot_of_expert)
+    fp8 = _check_fp8(w13_local, w2_local, w13_recv, w2_recv, scales)
+    if fp8:
+        # One K tile is one activation quantisation group and one weight scale column.
+        block_k = scales.block_k
+        block_n = min(block_n, scales.block_n)
+        if scales.block_n % block_n:
+            raise ValueError(f"FP8 block_n {scales.block_n} must be a multiple of {block_n}")
     T, H = x.shape
     K = topk_ids.shape[1]
     inter_size = w2_local.shape[2]
@@ -129,20 +226,30 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
     # Empty receive buffers still need a valid pointer.
     w13_r = w13_recv if w13_recv.numel() else w13_local
     w2_r = w2_recv if w2_recv.numel() else w2_local
+    if fp8:
+        s13_l, s2_l = scales.w13_local.contiguous(), scales.w2_local.contiguous()
+        s13_r = scales.w13_recv.contiguous() if w13_recv.numel() else s13_l
+        s2_r = scales.w2_recv.contiguous() if w2_recv.numel() else s2_l
+        scale_n = scales.block_n
+    else:  # unused by the kernels (FP8=False): any valid pointers
+        s13_l = s2_l = s13_r = s2_r = topk_weights
+        scale_n = block_n
     gate_up_act_kernel[(max_blocks, triton.cdiv(inter_size, block_n))](
-        x, w13_local, w13_r, inter, sorted_pair, block_slot,
+        x, w13_local, w13_r, inter, sorted_pair, block_slot, s13_l, s13_r,
         H, inter_size, K, e_local,
         x.stride(0), w13_local.stride(0), w13_r.stride(0), w13_local.stride(1), inter.stride(0),
+        s13_l.stride(0), s13_r.stride(0), s13_l.stride(-2) if fp8 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
-        num_warps=8, num_stages=3,
+        FP8=fp8, SCALE_N=scale_n, num_warps=8, num_stages=3,
     )
     out_pairs = torch.empty(T * K, H, dtype=torch.float32, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
     down_kernel[(max_blocks, triton.cdiv(H, block_n))](
-        inter, w2_local, w2_r, out_pairs, weights, sorted_pair, block_slot,
+        inter, w2_local, w2_r, out_pairs, weights, sorted_pair, block_slot, s2_l, s2_r,
         H, inter_size, e_local,
         inter.stride(0), w2_local.stride(0), w2_r.stride(0), w2_local.stride(1), out_pairs.stride(0),
+        s2_l.stride(0), s2_r.stride(0), s2_l.stride(-2) if fp8 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
-        num_warps=8, num_stages=3,
+        FP8=fp8, SCALE_N=scale_n, num_warps=8, num_stages=3,
     )
     return out_pairs.view(T, K, H).sum(dim=1).to(x.dtype)

@@ -25,7 +25,7 @@ from vllm_dwdp.config import DwdpConfig
 from vllm_dwdp.peer_memory import PeerFailure, PeerGroup, layout_slab, view_slab
 from vllm_dwdp.placement import ExpertPlacement, plan_placement
 from vllm_dwdp.prefetch import ExpertPrefetcher
-from vllm_dwdp_kernels.split_moe import split_moe
+from vllm_dwdp_kernels.split_moe import BlockScales, split_moe
 
 log = vllm_compat.logger("dwdp")
 RoutedExperts = vllm_compat.routed_experts_class()
@@ -210,6 +210,7 @@ class DwdpRoutedExperts(RoutedExperts):
             placement, bound.arguments["expert_map_manager"])
         args, kwargs = bound.args[1:], bound.kwargs
         super().__init__(*args, **kwargs)
+        self.dwdp_fp8_block = vllm_compat.dwdp_fp8_block_shape(self)
         self.dwdp_runtime = runtime
         self.dwdp_name = self.layer_name
         self.dwdp_index = -1
@@ -267,8 +268,13 @@ class DwdpExpertsMethod(torch.nn.Module):
         if i == 0:
             runtime.on_forward_start()
         recv = prefetcher.acquire(i)
+        scales = None
+        if layer.dwdp_fp8_block is not None:  # block-FP8 experts: weights and their scales
+            scales = BlockScales(layer.w13_weight_scale_inv, layer.w2_weight_scale_inv,
+                                 recv["w13_weight_scale_inv"], recv["w2_weight_scale_inv"],
+                                 *layer.dwdp_fp8_block)
         out = split_moe(x, topk_weights, topk_ids, layer.w13_weight, layer.w2_weight,
-                        recv["w13_weight"], recv["w2_weight"], layer.dwdp_slot_of_expert)
+                        recv["w13_weight"], recv["w2_weight"], layer.dwdp_slot_of_expert, scales)
         prefetcher.release(i)
         return out
 
@@ -276,6 +282,8 @@ class DwdpExpertsMethod(torch.nn.Module):
         modules = self.__dict__.get("_modules", {})
         if name in modules:
             return modules[name]
-        if "inner" in modules:
-            return getattr(modules["inner"], name)
+        # vLLM's method is an nn.Module (unquantized) or a plain object (FP8).
+        inner = modules.get("inner", self.__dict__.get("inner"))
+        if inner is not None:
+            return getattr(inner, name)
         raise AttributeError(name)

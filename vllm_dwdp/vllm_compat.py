@@ -199,16 +199,30 @@ def check_dwdp_moe_config(moe_config, quant_config) -> None:
             "DWDP replaces tensor, data and expert parallelism for MoE layers: start each DWDP "
             f"rank as a single-GPU engine (got tp={par.tp_size}, dp={par.dp_size}, "
             f"ep={par.use_ep}); use dwdp.world_size for the number of GPUs")
-    if quant_config is not None:
-        raise NotImplementedError(
-            f"DWDP handles unquantized expert weights (bf16/fp16/fp32) in this version; the "
-            f"checkpoint uses {quant_config.get_name()!r}. Serve it without DWDP, or use an "
-            f"unquantized checkpoint.")
     act = getattr(moe_config.activation, "value", moe_config.activation)
     if str(act).lower() != "silu" or getattr(moe_config, "has_bias", False):
         raise NotImplementedError(
             f"DWDP's expert kernel computes SiLU-gated experts without bias; this model's "
             f"experts use activation {act!r}, bias={getattr(moe_config, 'has_bias', False)}")
+
+
+def dwdp_fp8_block_shape(layer) -> tuple[int, int] | None:
+    """How DWDP reads ``layer``'s expert weights: None for bf16/fp16/fp32, or the
+    (block_n, block_k) of block-scaled FP8 checkpoints (``weight_scale_inv``). Anything
+    else is refused with the reason, before any weight is loaded."""
+    method = layer.quant_method
+    kind = type(method).__name__
+    if kind == "UnquantizedFusedMoEMethod":
+        return None
+    block = getattr(getattr(method, "quant_config", None), "weight_block_size", None)
+    if (kind == "Fp8MoEMethod" and block is not None and len(block) == 2
+            and getattr(method.quant_config, "is_checkpoint_fp8_serialized", False)
+            and hasattr(layer, "w13_weight_scale_inv")):
+        return int(block[0]), int(block[1])
+    raise NotImplementedError(
+        f"DWDP handles unquantized experts (bf16/fp16/fp32) and block-scaled FP8 checkpoints "
+        f"(quant_method 'fp8' with weight_block_size); this layer's experts use {kind}. Serve "
+        f"this checkpoint without DWDP, or use a bf16 or block-FP8 checkpoint.")
 
 
 def wrap_process_weights_after_loading(layer, callback) -> None:

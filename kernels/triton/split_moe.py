@@ -3,19 +3,37 @@
 Rows are (token, k) pairs sorted by weight slot and padded per slot to BLOCK_M, so each
 program reads one expert's weights: from the local tensor when ``slot < E_LOCAL``, else from
 the receive buffer.
+
+With ``FP8``, weights are float8_e4m3fn with one float32 scale per [SCALE_N x BLOCK_K] tile,
+and each [BLOCK_M x BLOCK_K] activation tile is quantised in registers, one scale per row
+(``quantize_rows``): the FP8 tensor cores multiply, the scales are applied per K tile.
 """
 
 import triton
 import triton.language as tl
 
+FP8_MAX: tl.constexpr = 448.0
+FP8_EPS: tl.constexpr = 1e-10
+
+
+@triton.jit
+def quantize_rows(a):
+    """Dynamic FP8 quantisation of a tile, one scale per row: (fp8 tile, float32 scales)."""
+    a = a.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(a), axis=1), FP8_EPS) / FP8_MAX
+    q = tl.clamp(a / scale[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    return q, scale
+
 
 @triton.jit
 def gate_up_act_kernel(
     x_ptr, w_local_ptr, w_recv_ptr, inter_ptr, sorted_pair_ptr, block_slot_ptr,
+    s_local_ptr, s_recv_ptr,
     H, I, TOP_K, E_LOCAL,
     stride_xt, stride_wle, stride_wre, stride_wn, stride_inter,
+    stride_sle, stride_sre, stride_sn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
 ):
     """inter[row, n] = silu(x[tok] . W13[slot, n]) * (x[tok] . W13[slot, I + n])."""
     pid_m = tl.program_id(0)
@@ -25,8 +43,10 @@ def gate_up_act_kernel(
         return
     if slot < E_LOCAL:
         w_ptr = w_local_ptr + slot.to(tl.int64) * stride_wle
+        s_ptr = s_local_ptr + slot.to(tl.int64) * stride_sle
     else:
         w_ptr = w_recv_ptr + (slot - E_LOCAL).to(tl.int64) * stride_wre
+        s_ptr = s_recv_ptr + (slot - E_LOCAL).to(tl.int64) * stride_sre
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pair_ptr + rows)
     valid = pair >= 0
@@ -45,8 +65,17 @@ def gate_up_act_kernel(
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         wu = tl.load(w_ptr + (offs_n[:, None] + I).to(tl.int64) * stride_wn + kk[None, :],
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=PRECISION)
+        if FP8:
+            aq, a_s = quantize_rows(a)
+            kb = k0 // BLOCK_K
+            sg = tl.load(s_ptr + (offs_n // SCALE_N) * stride_sn + kb, mask=mask_n, other=0.0)
+            su = tl.load(s_ptr + ((offs_n + I) // SCALE_N) * stride_sn + kb, mask=mask_n,
+                         other=0.0)
+            acc_g += tl.dot(aq, tl.trans(wg)) * a_s[:, None] * sg[None, :]
+            acc_u += tl.dot(aq, tl.trans(wu)) * a_s[:, None] * su[None, :]
+        else:
+            acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=PRECISION)
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(inter_ptr + rows[:, None].to(tl.int64) * stride_inter + offs_n[None, :],
              act.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
@@ -55,10 +84,12 @@ def gate_up_act_kernel(
 @triton.jit
 def down_kernel(
     inter_ptr, w_local_ptr, w_recv_ptr, out_ptr, weights_ptr, sorted_pair_ptr, block_slot_ptr,
+    s_local_ptr, s_recv_ptr,
     H, I, E_LOCAL,
     stride_inter, stride_wle, stride_wre, stride_wn, stride_out,
+    stride_sle, stride_sre, stride_sn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
 ):
     """out[pair, n] = topk_weight[pair] * (inter[row] . W2[slot, n])."""
     pid_m = tl.program_id(0)
@@ -68,8 +99,10 @@ def down_kernel(
         return
     if slot < E_LOCAL:
         w_ptr = w_local_ptr + slot.to(tl.int64) * stride_wle
+        s_ptr = s_local_ptr + slot.to(tl.int64) * stride_sle
     else:
         w_ptr = w_recv_ptr + (slot - E_LOCAL).to(tl.int64) * stride_wre
+        s_ptr = s_recv_ptr + (slot - E_LOCAL).to(tl.int64) * stride_sre
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pair_ptr + rows)
     valid = pair >= 0
@@ -84,7 +117,13 @@ def down_kernel(
                     mask=valid[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        if FP8:
+            aq, a_s = quantize_rows(a)
+            sw = tl.load(s_ptr + (offs_n // SCALE_N) * stride_sn + k0 // BLOCK_K, mask=mask_n,
+                         other=0.0)
+            acc += tl.dot(aq, tl.trans(w)) * a_s[:, None] * sw[None, :]
+        else:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
     g = tl.load(weights_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0).to(tl.float32)
     acc = acc * g[:, None]
     safe_pair = tl.where(valid, pair, 0).to(tl.int64)

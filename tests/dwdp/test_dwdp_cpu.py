@@ -106,3 +106,25 @@ def test_dead_peer_stops_the_other_rank_with_a_clear_error(moe_checkpoint, tmp_p
     assert elapsed < 30, f"rank 0 took {elapsed:.0f} s to stop after its peer died"
     assert "DWDP rank(s) [1] sent no heartbeat for 5 s" in logs[0].read_text()
     assert "restart all DWDP ranks together" in str(e.value) + logs[0].read_text()
+
+
+def test_fp8_experts_split_over_ranks_match_one_rank(moe_checkpoint, tmp_path):
+    """Block-FP8 experts (weights and their block scales) pulled from a peer give the same
+    tokens as one engine holding every expert. (Stock vLLM has no FP8 MoE kernel on CPU; on
+    GPU, tests/dwdp/test_dwdp_gpu.py compares FP8 DWDP with stock vLLM itself.)"""
+    model = moe_checkpoint("qwen3_moe_fp8")
+    port = next(_ports)
+    owners = [0, 1, 1, 0, 1, 0, 0, 1]
+    results = run_engines({
+        "one_rank": dict(dwdp_spec(model, 0, 1, port + 50), dtype="bfloat16"),
+        **{f"rank{r}": dict(dwdp_spec(model, r, 2, port, expert_owners=owners),
+                            dtype="bfloat16", dwdp_stats=True, **stay_until_both_done(tmp_path, r))
+           for r in (0, 1)},
+    })
+    for rank in ("rank0", "rank1"):
+        assert_outputs_equal(results["one_rank"], results[rank], names=("one_rank", rank),
+                             logprob_atol=2e-2)
+        stats = results[rank]["dwdp_stats_after"]
+        # 4 remote experts a layer: fp8 weights (2*256*128 + 128*256 bytes) and their scales.
+        per_layer = 4 * (2 * 256 * 128 + 128 * 256 + 4 * (2 * 2 * 1 + 1 * 2))
+        assert all(s["bytes_pulled"] % per_layer == 0 and s["bytes_pulled"] > 0 for s in stats)

@@ -8,6 +8,7 @@ enough that greedy decoding is not decided by rounding noise.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -63,7 +64,49 @@ def build_qwen2_moe(path: str | Path, *, num_layers: int = 3, num_experts: int =
     return _save(Qwen2MoeForCausalLM, cfg, path, seed)
 
 
-BUILDERS = {"qwen3_moe": build_qwen3_moe, "qwen2_moe": build_qwen2_moe}
+def build_qwen3_moe_fp8(path: str | Path, *, num_layers: int = 3, num_experts: int = 8,
+                        top_k: int = 2, seed: int = 0) -> Path:
+    """Qwen3-MoE whose routed experts are stored as block-scaled FP8 (128 x 128 blocks,
+    ``weight_scale_inv``), the format of the Qwen3-*-FP8 and DeepSeek-V3 checkpoints.
+    Everything else stays bf16 (listed in ``ignored_layers``)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from vllm_dwdp_kernels.split_moe import quantize_blocks_reference
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    cfg = Qwen3MoeConfig(
+        **COMMON, num_hidden_layers=num_layers, intermediate_size=256,
+        moe_intermediate_size=256,  # a multiple of the 128-wide blocks, two K blocks in w2
+        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[],
+    )
+    _save(Qwen3MoeForCausalLM, cfg, path, seed)
+    expert = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+    for f in path.glob("*.safetensors"):
+        tensors = load_file(f)
+        out = {}
+        for k, t in tensors.items():
+            if expert.search(k):
+                out[k], out[k + "_scale_inv"] = quantize_blocks_reference(t, 128, 128)
+            else:
+                out[k] = t.to(torch.bfloat16)
+        save_file(out, f, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    ignored = [f"model.layers.{i}.{m}" for i in range(num_layers) for m in
+               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate")]
+    config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config={
+        "quant_method": "fp8", "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128], "ignored_layers": ignored})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+BUILDERS = {"qwen3_moe": build_qwen3_moe, "qwen2_moe": build_qwen2_moe,
+            "qwen3_moe_fp8": build_qwen3_moe_fp8}
 
 _WORDS = ("the of and to in is you that it he was for on are as with his they at be this "
           "from have or by one had not but what all were when we there can an your which their "

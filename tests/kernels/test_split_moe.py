@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_dwdp_kernels.split_moe import align_pairs_by_slot, split_moe, split_moe_reference
+from vllm_dwdp_kernels.split_moe import (BlockScales, align_pairs_by_slot, quantize_blocks_reference,
+                                          split_moe, split_moe_reference)
 
 
 def make_case(T, H, I, E, K, e_local, dtype, device, seed=0):
@@ -87,3 +88,63 @@ def test_triton_matches_reference(T, H, I, E, K, e_local, dtype, tol):
     assert torch.isfinite(out).all()
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < tol, f"relative error {err:.2e} >= {tol}"
+
+
+# ---- block-scaled FP8 experts ---------------------------------------------------------------
+def make_fp8_case(T, H, I, E, K, e_local, device, seed=0, block=(128, 128)):
+    """The bf16 case plus its block-FP8 version: (fp8 kwargs, bf16 kwargs)."""
+    case, _ = make_case(T, H, I, E, K, e_local, torch.bfloat16, device, seed=seed)
+    fp8, scales = dict(case), {}
+    for name in ("w13_local", "w2_local", "w13_recv", "w2_recv"):
+        fp8[name], scales[name] = quantize_blocks_reference(case[name], *block)
+    fp8["scales"] = BlockScales(**scales, block_n=block[0], block_k=block[1])
+    return fp8, case
+
+
+def test_block_quantization_round_trip():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 300, 200, generator=g)
+    q, scale = quantize_blocks_reference(w, 128, 128)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 3, 2)
+    # Every block's largest |value| maps to the top of the FP8 range.
+    assert torch.allclose(scale[:, 0, 0], w[:, :128, :128].abs().amax(dim=(1, 2)) / 448)
+    back = q.float() * scale.repeat_interleave(128, 1)[:, :300].repeat_interleave(128, 2)[:, :, :200]
+    rel = (back - w).norm() / w.norm()
+    assert 1e-3 < rel < 4e-2, rel  # FP8 (3 mantissa bits) is lossy, but only that lossy
+
+
+@pytest.mark.parametrize("T, H, I, E, K, e_local", [(9, 256, 128, 4, 2, 2), (40, 384, 256, 6, 3, 1)])
+def test_fp8_reference_close_to_bf16(T, H, I, E, K, e_local):
+    fp8, bf16 = make_fp8_case(T, H, I, E, K, e_local, "cpu")
+    out = split_moe_reference(**fp8).float()
+    ref = split_moe_reference(**bf16).float()
+    rel = (out - ref).norm() / ref.norm()
+    assert 1e-3 < rel < 0.08, rel  # quantisation error shows, and stays small
+
+
+def test_fp8_weights_without_scales_raise():
+    fp8, _ = make_fp8_case(4, 128, 128, 4, 2, 2, "cpu")
+    fp8.pop("scales")
+    with pytest.raises(ValueError, match="FP8 expert weights need their block scales"):
+        split_moe_reference(**fp8)
+
+
+def test_fp8_scales_of_wrong_shape_raise():
+    fp8, _ = make_fp8_case(4, 256, 128, 4, 2, 2, "cpu")
+    s = fp8["scales"]
+    fp8["scales"] = BlockScales(s.w13_local[:, :1], s.w2_local, s.w13_recv, s.w2_recv)
+    with pytest.raises(ValueError, match=r"w13_local: .* scales of shape \(2, 2, 2\)"):
+        split_moe_reference(**fp8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, H, I, E, K, e_local", [(1, 256, 128, 8, 2, 4), (300, 512, 256, 16, 4, 5),
+                                                     (2048, 2048, 768, 32, 8, 16), (77, 384, 256, 8, 2, 8),
+                                                     (50, 200, 128, 6, 2, 0)])
+def test_triton_fp8_matches_reference(T, H, I, E, K, e_local):
+    fp8, _ = make_fp8_case(T, H, I, E, K, e_local, "cuda", seed=T)
+    out = split_moe(**fp8)
+    ref = split_moe_reference(**fp8)
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err < 2e-2, f"relative error {err:.2e}"
