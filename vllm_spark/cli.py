@@ -1,0 +1,146 @@
+"""``vllm-spark`` command line: one Ray cluster over SSH, one vLLM server across it.
+
+    vllm-spark preflight -i sparks.yaml          # every problem, one line each; exit 1 if any
+    vllm-spark up        -i sparks.yaml          # preflight + Ray head/workers (token auth)
+    vllm-spark serve     -i sparks.yaml --tp 2   # (up if needed) + vllm serve over Ray
+    vllm-spark serve     -i sparks.yaml --tp 2 --via-job   # as a Ray job on a running cluster
+    vllm-spark status | logs [-f] | down | sync-model  -i sparks.yaml
+
+Options after ``--`` go to vLLM unchanged (``-- --max-model-len 32768``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from vllm_spark import cluster, preflight, remote, serve
+from vllm_spark.inventory import InventoryError, load_inventory
+
+
+def _preflight(args, inv) -> int:
+    ports = None if args.stage == "up" else [inv.serve_port]
+    report = preflight.run_preflight(inv, ports=ports, full_hash=args.full_hash)
+    for line in report.lines():
+        print(line)
+    print("preflight: OK" if report.ok else "preflight: FAILED")
+    return 0 if report.ok else 1
+
+
+def _up(args, inv) -> int:
+    cluster.up(inv, nccl_debug=args.nccl_debug, timeout=args.timeout)
+    return 0
+
+
+def _plan(args) -> serve.ServePlan:
+    return serve.ServePlan(model=args.model, tensor_parallel=args.tp, pipeline_parallel=args.pp,
+                           data_parallel=args.dp, served_model_name=args.served_model_name,
+                           extra=args.vllm_args)
+
+
+def _serve(args, inv) -> int:
+    if args.model:
+        for node in inv.nodes:
+            node.model = args.model
+    plan = _plan(args)
+    plan.model = inv.head.model
+    if args.via_job:
+        serve.submit_job(inv, plan, nccl_debug=args.nccl_debug, timeout=args.timeout)
+        return 0
+    if not args.no_up:
+        cluster.up(inv, nccl_debug=args.nccl_debug)
+    serve.start_server(inv, plan, nccl_debug=args.nccl_debug, timeout=args.timeout)
+    print(f"follow the log: vllm-spark logs -f -i {inv.path}; stop: vllm-spark down -i {inv.path}")
+    return 0
+
+
+def _status(args, inv) -> int:
+    cluster.status(inv)
+    return 0
+
+
+def _logs(args, inv) -> int:
+    head = inv.head
+    log = shlex.quote(f"{head.state_dir}/serve.log")
+    cmd = f"tail -n {args.lines} {'-F' if args.follow else ''} {log}"
+    proc = remote.popen(head, cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return 0
+
+
+def _down(args, inv) -> int:
+    return 0 if cluster.down(inv) else 1
+
+
+def _sync_model(args, inv) -> int:
+    from vllm_spark.sync import sync_model
+
+    sync_model(inv, source=args.source)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-spark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("-i", "--inventory", required=True, help="hosts file (.yaml/.toml/.json)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("preflight", _preflight, "check every node; one line per problem")
+    sp.add_argument("--full-hash", action="store_true", help="hash every model file")
+    sp.add_argument("--stage", choices=["up", "serve"], default="up",
+                    help="up: Ray and serve ports must be free; serve: only the serve port")
+    sp = add("up", _up, "start the Ray head and workers over SSH")
+    sp.add_argument("--nccl-debug", action="store_true", help="NCCL_DEBUG=INFO on every node")
+    sp.add_argument("--timeout", type=float, default=120)
+    sp = add("serve", _serve, "start vllm serve across the cluster (Ray executor)")
+    sp.add_argument("--model", help="model directory (default: the inventory's)")
+    sp.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    sp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    sp.add_argument("--dp", type=int, default=1, help="data-parallel size (Ray DP backend)")
+    sp.add_argument("--served-model-name")
+    sp.add_argument("--no-up", action="store_true", help="the Ray cluster is already up")
+    sp.add_argument("--via-job", action="store_true",
+                    help="submit as a Ray job to the running cluster (`ray job submit`)")
+    sp.add_argument("--nccl-debug", action="store_true",
+                    help="NCCL_DEBUG=INFO and report NET/IB vs NET/Socket from the log")
+    sp.add_argument("--timeout", type=float, default=1800, help="seconds to wait for /health")
+    sp.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                    help="after --: arguments for vLLM unchanged")
+    add("status", _status, "Ray nodes alive, by host")
+    sp = add("logs", _logs, "print (or follow) the server log on the head")
+    sp.add_argument("-f", "--follow", action="store_true")
+    sp.add_argument("-n", "--lines", type=int, default=100)
+    add("down", _down, "stop the server and Ray on every node")
+    sp = add("sync-model", _sync_model, "copy the model to nodes missing it (rsync over the "
+             "cluster network)")
+    sp.add_argument("--source", help="node that has the model (default: the head)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "vllm_args", None) and args.vllm_args[0] == "--":
+        args.vllm_args = args.vllm_args[1:]
+    try:
+        inv = load_inventory(args.inventory)
+        return args.fn(args, inv)
+    except (InventoryError, remote.NodeError) as e:
+        print(f"vllm-spark: {e}", file=sys.stderr)
+        return 1
+    except preflight.PreflightFailed as e:
+        print("\n".join(e.report.lines()), file=sys.stderr)
+        print("preflight: FAILED (nothing was started)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
