@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/nvidia-smi.txt
 pack() {
   # Keep the engine logs of the GPU runs (plugin loading is visible there).
   mkdir -p "$RES/logs"
-  for d in /tmp/vllm-dwdp-eq-*; do [ -d "$d" ] && cp -r "$d" "$RES/logs/" || true; done
+  for d in /tmp/vllm-dwdp-eq-* /tmp/vllm-flextensor-eq-*; do [ -d "$d" ] && cp -r "$d" "$RES/logs/" || true; done
   tar -C "$RES" -czf "$OUT/results.tar.gz" . || true
   for f in "$RES"/*.json; do [ -f "$f" ] && cp "$f" "$OUT/" || true; done
 }
@@ -27,7 +27,9 @@ trap pack EXIT
 rc=0
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
   set +e
+  # --timeout: one stuck test fails alone and the summary (with tracebacks) still prints.
   timeout "${GPU_CHECK_PYTEST_TIMEOUT:-420}" python3 -m pytest -m "gpu or gpu_2" -v -rA \
+    --tb=short --timeout="${GPU_CHECK_TEST_TIMEOUT:-240}" \
     "${@:-tests}" 2>&1 | tee "$OUT/pytest.log"
   rc=${PIPESTATUS[0]}
   set -e

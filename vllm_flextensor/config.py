@@ -18,19 +18,22 @@ def _positive_or_unset(v: float) -> str | None:
 class FlexTensorConfig:
     enabled: bool = setting(False, "turn weight offload on for this engine")
     gpu_budget_gb: float = setting(
-        -1.0, "GiB of GPU memory the weights may use; the rest lives in host memory "
-        "(-1: no budget, nothing offloaded)", _positive_or_unset,
+        -1.0, "GiB of GPU memory the weights may use; routed experts that do not fit live in "
+        "host memory (-1: no budget, nothing offloaded)", _positive_or_unset,
     )
     mode: str = setting(
-        "auto", "copy (stream into GPU buffers), unified (GPU reads host memory, "
-        "GH200 / GB10), or auto", one_of("auto", "copy", "unified"),
+        "auto", "copy (stream experts into GPU buffers), unified (the GPU reads host memory "
+        "in place: GH200, GB10), or auto (unified where the GPU shares the host's page "
+        "tables, copy elsewhere)", one_of("auto", "copy", "unified"),
     )
-    expert_cache_fraction: float = setting(
-        0.5, "share of the offloaded experts' budget kept as a GPU-resident expert cache",
-        within(0.0, 1.0),
+    stream_whole_layer_at: float = setting(
+        0.5, "a step expected to route to at least this share of a layer's experts streams "
+        "whole layers, one layer ahead, without waiting for the router", within(0.0, 1.0),
     )
-    prefetch_layers: int = setting(1, "dense layers streamed ahead of the one computing",
-                                   within(1, 4))
+    cache_decay: float = setting(
+        0.95, "per-step decay of the routing counts that rank experts for the GPU cache "
+        "(1: plain frequency, lower: favour recent routing)", within(0.0, 1.0),
+    )
     host_memory_headroom_gb: float = setting(
         4.0, "host memory left free when checking that the plan fits", at_least(0.0)
     )

@@ -1,14 +1,396 @@
-"""FlexTensor's handling of one MoE layer's routed experts (called by the package's single
-out-of-tree RoutedExperts, ``vllm_dwdp.moe_layer.DwdpRoutedExperts``)."""
+"""FlexTensor's MoE layer: routed experts whose home is host memory, cached on the GPU by
+routing frequency, streamed in when the router picks them.
+
+Follow one token (three files):
+1. here, :func:`init_offloaded_experts` builds vLLM's ``RoutedExperts`` (called by the
+   package's single out-of-tree replacement, ``vllm_dwdp.moe_layer.DwdpRoutedExperts``) and
+   re-points its expert parameters to host memory before loading, so vLLM's checkpoint
+   loader writes every expert straight to its home (pinned, seen by the GPU through UVA):
+   the experts are never all on the GPU. After loading, the placement plan
+   (``planner.py``) sizes a GPU cache per layer, filled from host memory.
+2. per step, :meth:`FlexTensorRuntime.run_layer`: vLLM's router has picked ``topk_ids``;
+   experts the cache holds are read there, the others are streamed (``streaming.py``) into
+   a GPU stream buffer, and the split-weight kernel (``kernels/split_moe.py``) computes
+   over the cache and the buffer. A step whose tokens reach most experts streams whole
+   layers instead, one layer ahead, without waiting for the router.
+3. ``expert_cache.py`` decides which streamed experts replace colder cached ones.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import asdict, dataclass
 
-def init_offloaded_experts(layer, base_init, args, kwargs, cfg) -> None:
+import torch
+
+from vllm_flextensor import vllm_compat
+from vllm_flextensor.config import FlexTensorConfig
+from vllm_flextensor.expert_cache import ExpertCachePolicy
+from vllm_flextensor.planner import (GiB, ModelWeights, OffloadPlan, plan_offload,
+                                     whole_layer_min_tokens)
+from vllm_flextensor.streaming import ExpertStreamer, coalesce
+from vllm_dwdp_kernels.split_moe import BlockScales, split_moe
+
+log = vllm_compat.logger("flextensor")
+
+
+@dataclass
+class LayerStats:
+    forwards: int = 0
+    expert_steps: int = 0           # steps that streamed only the routed experts
+    whole_layer_steps: int = 0      # steps that streamed the whole layer
+    bytes_streamed: int = 0         # host -> GPU bytes (copied, or read in place)
+    experts_streamed: int = 0
+    cache_lookups: int = 0          # routed experts looked up in the cache
+    cache_hits: int = 0
+    cache_admissions: int = 0       # streamed experts that took a cache slot
+    stream_ms: float = 0.0          # copy time (side stream on CUDA)
+    wait_ms: float = 0.0            # time the compute stood still for streamed experts
+    routing_sync_ms: float = 0.0    # time the host waited for the router's picks
+
+
+class FlexTensorRuntime:
+    """Per-process FlexTensor state: the MoE layers in forward order, the plan, the streamer."""
+
+    _instance: FlexTensorRuntime | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, cfg: FlexTensorConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.mode = vllm_compat.resolve_mode(cfg.mode, device)
+        self.layers: list = []
+        self.stats: list[LayerStats] = []
+        self.plan: OffloadPlan | None = None
+        self.streamer: ExpertStreamer | None = None
+        self.loaded = 0
+        self.forward_pass = 0
+        self.whole_layer_tokens = 0
+        self.metrics = None
+        self._progress = None
+
+    @classmethod
+    def get(cls) -> FlexTensorRuntime | None:
+        return cls._instance
+
+    @classmethod
+    def create(cls, cfg: FlexTensorConfig, device: torch.device) -> FlexTensorRuntime:
+        with cls._lock:
+            if cls._instance is None or cls._instance.cfg != cfg:
+                cls._instance = cls(cfg, device)
+            return cls._instance
+
+    # ---- set-up -------------------------------------------------------------------------
+    def add_layer(self, layer) -> int:
+        self.layers.append(layer)
+        self.stats.append(LayerStats())
+        return len(self.layers) - 1
+
+    def _make_plan(self, layer) -> OffloadPlan:
+        """Plan with exact expert sizes, once every MoE layer exists (at the first post-load)."""
+        first = self.layers[0]
+        for other in self.layers:
+            mine = {n: (t.shape, t.dtype) for n, t in other.flextensor_host.items()}
+            if mine != {n: (t.shape, t.dtype) for n, t in first.flextensor_host.items()}:
+                raise NotImplementedError(
+                    f"FlexTensor needs every MoE layer to have the same expert shapes; "
+                    f"{other.layer_name} differs from {first.layer_name}")
+        num_experts = first.local_num_experts
+        expert_bytes = sum(t[0].numel() * t.element_size()
+                           for t in first.flextensor_host.values())
+        dense = vllm_compat.dense_weight_bytes(self.device)
+        weights = ModelWeights(dense, len(self.layers), num_experts, expert_bytes, first.top_k)
+        plan = plan_offload(weights, int(self.cfg.gpu_budget_gb * GiB), self.mode,
+                            vllm_compat.host_available_bytes(),
+                            int(self.cfg.host_memory_headroom_gb * GiB))
+        log.info("%s", plan.describe())
+        self.whole_layer_tokens = whole_layer_min_tokens(
+            num_experts, first.top_k, self.cfg.stream_whole_layer_at)
+        if not plan.offloads_nothing:
+            log.info("FlexTensor streams whole MoE layers (one layer ahead) for steps of %d "
+                     "tokens or more, only the routed experts below that",
+                     self.whole_layer_tokens)
+        if plan.stream_buffers:
+            self.streamer = ExpertStreamer(first.flextensor_host, num_experts, self.device,
+                                           plan.stream_buffers)
+        self._progress = vllm_compat.progress_bar(len(self.layers),
+                                                  "FlexTensor: staging experts")
+        return plan
+
+    def layer_loaded(self, layer) -> None:
+        """Called as each MoE layer finishes loading: fill its GPU expert cache."""
+        if self.plan is None:
+            self.plan = self._make_plan(layer)
+        slots = self.plan.cache_slots
+        host = layer.flextensor_host
+        layer.flextensor_cache = {
+            n: torch.empty((slots, *t.shape[1:]), dtype=t.dtype, device=self.device)
+            for n, t in host.items()}
+        for n, t in layer.flextensor_cache.items():
+            t.copy_(host[n][:slots])
+        layer.flextensor_policy = ExpertCachePolicy(layer.local_num_experts, slots,
+                                                    self.cfg.cache_decay)
+        E = layer.local_num_experts
+        pin = self.device.type == "cuda"
+        layer.flextensor_slot_host = torch.empty(E, dtype=torch.int32, pin_memory=pin)
+        layer.flextensor_slot_map = torch.empty(E, dtype=torch.int32, device=self.device)
+        layer.flextensor_whole_host = torch.empty(E, dtype=torch.int32, pin_memory=pin)
+        layer.flextensor_whole_map = torch.empty(E, dtype=torch.int32, device=self.device)
+        self._cache_changed(layer)
+        layer.flextensor_counts = torch.zeros(E, dtype=torch.int64, device=self.device)
+        self.loaded += 1
+        if self._progress is not None:
+            self._progress.update(1)
+            if self.loaded == len(self.layers):
+                self._progress.close()
+                self._progress = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ---- forward path -------------------------------------------------------------------
+    def run_layer(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        i = layer.flextensor_index
+        if i == 0:
+            self._on_forward_start()
+        st = self.stats[i]
+        st.forwards += 1
+        E = layer.local_num_experts
+        slots = self.plan.cache_slots
+        if slots >= E:  # the budget holds every expert: nothing moves, nothing waits
+            return self._compute(layer, x, topk_weights, topk_ids, layer.flextensor_cache,
+                                 layer.flextensor_cache, layer.flextensor_whole_map, slots)
+        whole = x.shape[0] >= self.whole_layer_tokens
+        if whole:
+            return self._run_whole_layer(layer, i, x, topk_weights, topk_ids)
+        return self._run_routed_experts(layer, i, x, topk_weights, topk_ids)
+
+    def _run_whole_layer(self, layer, i, x, topk_weights, topk_ids):
+        """Most experts are routed to: take every uncached expert of the layer, fetched one
+        layer ahead, without reading the routing on the host."""
+        st = self.stats[i]
+        st.whole_layer_steps += 1
+        layer.flextensor_counts += torch.bincount(topk_ids.reshape(-1).long(),
+                                                  minlength=layer.local_num_experts)
+        if self.mode == "unified":  # the kernel reads uncached experts in place
+            st.bytes_streamed += len(layer.flextensor_uncached) * self._expert_bytes(layer)
+            st.experts_streamed += len(layer.flextensor_uncached)
+            return self._compute(layer, x, topk_weights, topk_ids, layer.flextensor_cache,
+                                 layer.flextensor_host_view, layer.flextensor_whole_map,
+                                 self.plan.cache_slots)
+        s = self.streamer
+        buf = i % len(s.buffers)
+        if s.holds[buf] != (self.forward_pass, i):
+            self._stream_whole(i, buf)
+        s.wait(buf)
+        nxt = i + 1
+        if nxt < len(self.layers):  # the next layer will stream whole too (same tokens)
+            self._stream_whole(nxt, nxt % len(s.buffers))
+        out = self._compute(layer, x, topk_weights, topk_ids, layer.flextensor_cache,
+                            s.buffers[buf], layer.flextensor_whole_map, self.plan.cache_slots)
+        s.release(buf)
+        return out
+
+    def _stream_whole(self, i: int, buf: int) -> None:
+        """Every expert layer ``i``'s cache lacks, each at its own index in buffer ``buf``."""
+        layer = self.layers[i]
+        uncached = layer.flextensor_uncached
+        runs = [(a, a, n) for a, _, n in coalesce(uncached)]
+        self.streamer.stream_runs(buf, layer.flextensor_host, runs, self.stats[i])
+        self.stats[i].experts_streamed += len(uncached)
+        self.streamer.holds[buf] = (self.forward_pass, i)
+
+    def _cache_changed(self, layer) -> None:
+        """Refresh what whole-layer steps read: uncached experts at their own index after the
+        cache slots. Runs after a routing sync, so the pinned upload tensor is free."""
+        policy = layer.flextensor_policy
+        layer.flextensor_uncached = [e for e in range(layer.local_num_experts)
+                                     if e not in policy.slot_of]
+        m = policy.slot_map({e: e for e in layer.flextensor_uncached}, self.plan.cache_slots)
+        layer.flextensor_whole_host.copy_(torch.tensor(m, dtype=torch.int32))
+        layer.flextensor_whole_map.copy_(layer.flextensor_whole_host, non_blocking=True)
+
+    def _run_routed_experts(self, layer, i, x, topk_weights, topk_ids):
+        """Few experts are routed to: stream only those the cache does not hold."""
+        st = self.stats[i]
+        st.expert_steps += 1
+        policy: ExpertCachePolicy = layer.flextensor_policy
+        t0 = time.perf_counter()
+        ids, counts = torch.unique(topk_ids, return_counts=True)
+        experts, counts = ids.tolist(), counts.tolist()  # host waits for the router here
+        folded = layer.flextensor_counts.tolist()
+        st.routing_sync_ms += (time.perf_counter() - t0) * 1e3
+        if any(folded):  # routing seen by whole-layer steps since the last lookup
+            policy.record(list(range(len(folded))), folded)
+            layer.flextensor_counts.zero_()
+        policy.record(experts, counts)
+        hits, misses = policy.lookup(experts)
+        st.cache_lookups += len(experts)
+        st.cache_hits += len(hits)
+        st.experts_streamed += len(misses)
+        slots = self.plan.cache_slots
+        if self.mode == "unified":
+            source = layer.flextensor_host_view
+            positions = {e: e for e in misses}
+            st.bytes_streamed += len(misses) * self._expert_bytes(layer)
+            buf = None
+        else:
+            s = self.streamer
+            buf = i % len(s.buffers)
+            positions = {e: j for j, e in enumerate(misses)}
+            s.holds[buf] = None
+            if misses:
+                s.stream_runs(buf, layer.flextensor_host, coalesce(misses), st)
+                s.wait(buf)
+            source = s.buffers[buf]
+        slot_map = policy.slot_map(positions, slots)
+        layer.flextensor_slot_host.copy_(torch.tensor(slot_map, dtype=torch.int32))
+        layer.flextensor_slot_map.copy_(layer.flextensor_slot_host, non_blocking=True)
+        out = self._compute(layer, x, topk_weights, topk_ids, layer.flextensor_cache, source,
+                            layer.flextensor_slot_map, slots)
+        # After the compute (same stream): hot streamed experts move into the cache.
+        moves = policy.admit(misses, in_use=set(hits))
+        for e, slot in moves:
+            for n, t in layer.flextensor_cache.items():
+                t[slot].copy_(source[n][positions[e]], non_blocking=True)
+        st.cache_admissions += len(moves)
+        if moves:
+            self._cache_changed(layer)
+        if buf is not None:
+            self.streamer.release(buf)
+        return out
+
+    def _compute(self, layer, x, topk_weights, topk_ids, cache, streamed, slot_map, offset):
+        if offset == 0:  # no cache slots: the streamed tensors are the first operand
+            cache, streamed = streamed, cache
+        scales = None
+        if layer.flextensor_fp8_block is not None:
+            scales = BlockScales(cache["w13_weight_scale_inv"], cache["w2_weight_scale_inv"],
+                                 streamed["w13_weight_scale_inv"],
+                                 streamed["w2_weight_scale_inv"], *layer.flextensor_fp8_block)
+        return split_moe(x, topk_weights, topk_ids, cache["w13_weight"], cache["w2_weight"],
+                         streamed["w13_weight"], streamed["w2_weight"], slot_map, scales)
+
+    @staticmethod
+    def _expert_bytes(layer) -> int:
+        return sum(t[0].numel() * t.element_size() for t in layer.flextensor_host.values())
+
+    def _on_forward_start(self) -> None:
+        self.forward_pass += 1
+        if self.metrics is None:
+            from vllm_flextensor.metrics import MetricsPublisher
+
+            self.metrics = MetricsPublisher()
+        self.metrics.publish(self.layer_stats())
+
+    # ---- counters -----------------------------------------------------------------------
+    def layer_stats(self) -> list[dict]:
+        if self.streamer is not None and self.streamer.is_cuda:
+            self.streamer.collect_timings()
+        return [dict(layer=layer.layer_name, **asdict(st))
+                for layer, st in zip(self.layers, self.stats)]
+
+    def summary(self) -> dict:
+        layers = self.layer_stats()
+        totals = {k: sum(s[k] for s in layers) for k in asdict(LayerStats())}
+        lookups = totals["cache_lookups"]
+        totals["cache_hit_rate"] = totals["cache_hits"] / lookups if lookups else 0.0
+        plan = self.plan
+        return {
+            "mode": self.mode,
+            "plan": None if plan is None else {
+                "budget_gib": plan.budget_bytes / GiB, "cache_slots": plan.cache_slots,
+                "experts_per_layer": plan.weights.experts_per_layer,
+                "moe_layers": plan.weights.moe_layers, "expert_bytes": plan.weights.expert_bytes,
+                "dense_gib": plan.weights.dense_bytes / GiB,
+                "stream_buffer_gib": plan.stream_bytes / GiB,
+                "cache_gib": plan.cache_bytes / GiB, "host_gib": plan.host_bytes / GiB,
+                "off_gpu_fraction": plan.off_gpu_fraction,
+                "whole_layer_min_tokens": self.whole_layer_tokens,
+            },
+            "totals": totals,
+            "layers": layers,
+        }
+
+
+def worker_stats(worker=None) -> dict:
+    """FlexTensor's plan and counters in this worker: ``llm.collective_rpc(worker_stats)``."""
+    runtime = FlexTensorRuntime.get()
+    return runtime.summary() if runtime is not None else {}
+
+
+# ---- building the layer --------------------------------------------------------------------
+def init_offloaded_experts(layer, base_init, args, kwargs, cfg: FlexTensorConfig) -> None:
     """Build ``layer`` (``base_init`` is vLLM's RoutedExperts.__init__) under ``cfg``."""
+    base_init(*args, **kwargs)
     if cfg.gpu_budget_gb < 0:  # no budget: nothing is offloaded, the layer is vLLM's own
-        base_init(*args, **kwargs)
+        layer.flextensor_runtime = None
         return
-    raise NotImplementedError(
-        "FlexTensor expert offload is not implemented yet; remove "
-        "additional_config.flextensor.gpu_budget_gb to run without offload")
+    vllm_compat.check_moe_layer(layer)
+    device = layer.w13_weight.device
+    runtime = FlexTensorRuntime.create(cfg, device)
+    layer.flextensor_runtime = runtime
+    layer.flextensor_fp8_block = vllm_compat.fp8_block_shape(layer)
+    layer.flextensor_index = runtime.add_layer(layer)
+    _move_experts_home(layer, device)
+    vllm_compat.wrap_process_weights_after_loading(layer, lambda inner: _after_loading(layer, inner))
+
+
+def _move_experts_home(layer, device: torch.device) -> None:
+    """Before loading: every per-expert parameter (weights, scales) now lives in host memory.
+
+    On CUDA the host tensor is pinned and the parameter becomes its UVA view, so the
+    checkpoint loader (and vLLM's dummy initialiser) write through to host memory and the
+    GPU copy engines read it at full PCIe speed. The layer-sized GPU tensors vLLM just
+    created are freed: at most one layer's experts is ever on the GPU while loading.
+    """
+    n = layer.local_num_experts
+    host, views = {}, {}
+    for name, p in layer.named_parameters(recurse=False):
+        if p.dim() >= 1 and p.shape[0] == n:
+            home = vllm_compat.host_home(p.shape, p.dtype, device)
+            view = vllm_compat.device_view_of_host(home, device)
+            p.data = view
+            host[name], views[name] = home, view
+    missing = {"w13_weight", "w2_weight"} - set(host)
+    if missing:
+        raise NotImplementedError(
+            f"FlexTensor reads routed experts from w13_weight / w2_weight; {layer.layer_name} "
+            f"has no {sorted(missing)}")
+    layer.flextensor_host = host            # what the copy engines read
+    layer.flextensor_host_view = views      # what the GPU reads in place (unified mode)
+
+
+def _after_loading(layer, inner_method) -> None:
+    """Replaces the quant method's post-load step: keep the checkpoint layout, go FlexTensor."""
+    layer.quant_method = FlexTensorExpertsMethod(inner_method)
+    layer.flextensor_runtime.layer_loaded(layer)
+
+
+class FlexTensorExpertsMethod(torch.nn.Module):
+    """The routed-experts compute of an offloaded layer; anything else goes to vLLM's method."""
+
+    is_monolithic = False
+    topk_indices_dtype = None
+    mk_can_overlap_shared_experts = False  # vLLM's runner runs the shared experts itself
+    moe_kernel = None
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None,
+              shared_experts_input=None):
+        return layer.flextensor_runtime.run_layer(layer, x, topk_weights, topk_ids)
+
+    def __getattr__(self, name):  # only reached for names this object does not have
+        modules = self.__dict__.get("_modules", {})
+        if name in modules:
+            return modules[name]
+        inner = modules.get("inner", self.__dict__.get("inner"))
+        if inner is not None:
+            return getattr(inner, name)
+        raise AttributeError(name)
+
+
+__all__ = ["init_offloaded_experts", "worker_stats", "FlexTensorRuntime"]

@@ -12,8 +12,8 @@ and each [BLOCK_M x BLOCK_K] activation tile is quantised in registers, one scal
 import triton
 import triton.language as tl
 
-FP8_MAX: tl.constexpr = 448.0
-FP8_EPS: tl.constexpr = 1e-10
+FP8_MAX = tl.constexpr(448.0)
+FP8_EPS = tl.constexpr(1e-10)
 
 
 @triton.jit

@@ -1,0 +1,122 @@
+"""FlexTensor end to end on CPU: real vLLM engines, real checkpoints, a budget that forces
+offload. Placement, the expert cache and both streaming paths run as on CUDA; only the
+bandwidth is not real. Stock vLLM runs the same checkpoint in its own process: greedy tokens
+must be equal and logprobs close.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.flextensor.engines import run_engines_in_turn
+from tests.harness.equality import assert_outputs_equal
+from vllm_flextensor.planner import GiB, budget_for_cache_slots, estimate_model_weights
+
+# Decode steps carry 3 tokens (routed to ~4.6 of 8 experts, below 75%): only the routed
+# experts move. The prefill step (71 tokens) reaches every expert: whole layers move.
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 160))]
+
+
+def weights_of(model: str, dtype_bytes: int = 4):
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    return estimate_model_weights(cfg, dtype_bytes, cfg.get("quantization_config"))
+
+
+def flex_spec(model, budget_bytes, **flex):
+    return dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
+                additional_config={"flextensor": {
+                    "enabled": True, "gpu_budget_gb": budget_bytes / GiB,
+                    "stream_whole_layer_at": 0.75, **flex}})
+
+
+def check_counters(stats, cache_slots, experts):
+    plan, totals = stats["plan"], stats["totals"]
+    assert plan["cache_slots"] == cache_slots and plan["experts_per_layer"] == experts
+    assert totals["expert_steps"] > 0          # decode: only routed experts moved
+    assert totals["whole_layer_steps"] > 0     # prefill: whole layers moved
+    assert totals["bytes_streamed"] > 0
+    assert totals["cache_hits"] > 0
+    assert totals["cache_hits"] < totals["cache_lookups"]  # the cache is smaller than a step's needs
+    assert all(s["forwards"] > 0 for s in stats["layers"])
+
+
+@pytest.mark.parametrize("kind, cache_slots, experts", [
+    ("qwen3_moe", 2, 8),
+    ("qwen2_moe", 1, 6),   # with a shared expert (run by vLLM itself, resident)
+])
+def test_offloaded_experts_match_stock(moe_checkpoint, kind, cache_slots, experts):
+    model = moe_checkpoint(kind)
+    budget = budget_for_cache_slots(weights_of(model), cache_slots)
+    results = run_engines_in_turn({
+        "stock": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
+                      env={"VLLM_PLUGINS": ""}),
+        "flextensor": flex_spec(model, budget),
+    })
+    assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
+    stats = results["flextensor"]["flextensor_stats"]
+    check_counters(stats, cache_slots, experts)
+    # Every streamed byte is a whole expert's (weights of one expert, fp32).
+    expert_bytes = weights_of(model).expert_bytes
+    assert stats["plan"]["expert_bytes"] == expert_bytes
+    assert stats["totals"]["bytes_streamed"] == stats["totals"]["experts_streamed"] * expert_bytes
+    log = Path(results["flextensor"]["log_path"]).read_text()
+    assert f"a cache of {cache_slots} of {experts} experts" in log
+    assert "FlexTensor: staging experts" in log
+
+
+def test_unified_mode_reads_host_memory_in_place(moe_checkpoint):
+    """mode=unified (chosen automatically on GH200 / GB10): no stream buffers, the kernel
+    reads uncached experts where they live; tokens equal stock."""
+    model = moe_checkpoint("qwen3_moe")
+    w = weights_of(model)
+    budget = budget_for_cache_slots(w, 3, mode="unified")
+    results = run_engines_in_turn({
+        "stock": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
+                      env={"VLLM_PLUGINS": ""}),
+        "unified": flex_spec(model, budget, mode="unified"),
+    })
+    assert_outputs_equal(results["stock"], results["unified"], names=("stock", "unified"))
+    stats = results["unified"]["flextensor_stats"]
+    assert stats["mode"] == "unified" and stats["plan"]["stream_buffer_gib"] == 0
+    check_counters(stats, 3, 8)
+
+
+def test_fp8_experts_move_in_checkpoint_dtype(moe_checkpoint):
+    """Block-FP8 experts: weights (1 byte) and their float32 block scales are stored and
+    streamed as the checkpoint has them. Stock vLLM has no FP8 MoE kernel on CPU, so the
+    reference is one DWDP rank holding every expert (same kernel, nothing offloaded)."""
+    model = moe_checkpoint("qwen3_moe_fp8")
+    w = weights_of(model, dtype_bytes=2)
+    assert w.expert_bytes == 3 * 128 * 256 + 4 * (2 * 2 * 1 + 1 * 2)  # fp8 weights + scales
+    results = run_engines_in_turn({
+        "all_resident": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
+                             dtype="bfloat16",
+                             additional_config={"dwdp": {"enabled": True, "world_size": 1}}),
+        "flextensor": dict(flex_spec(model, budget_for_cache_slots(w, 2)), dtype="bfloat16"),
+    })
+    assert_outputs_equal(results["all_resident"], results["flextensor"],
+                         names=("all_resident", "flextensor"), logprob_atol=2e-2)
+    stats = results["flextensor"]["flextensor_stats"]
+    check_counters(stats, 2, 8)
+    assert stats["plan"]["expert_bytes"] == w.expert_bytes
+    assert stats["totals"]["bytes_streamed"] == stats["totals"]["experts_streamed"] * w.expert_bytes
+
+
+@pytest.mark.parametrize("flex, message", [
+    ({"gpu_budget_gb": 0.0005}, "cannot hold what FlexTensor keeps on the GPU"),
+    # a budget that fits, but host memory (with this headroom) cannot hold the experts
+    ({"host_memory_headroom_gb": 1e6}, "of host memory for the routed"),
+])
+def test_plan_that_cannot_fit_stops_before_loading(moe_checkpoint, flex, message):
+    model = moe_checkpoint("qwen3_moe")
+    flex = {"gpu_budget_gb": budget_for_cache_slots(weights_of(model), 2) / GiB, **flex}
+    spec = dict(model=model, prompts=PROMPTS, max_tokens=2,
+                additional_config={"flextensor": {"enabled": True, **flex}})
+    with pytest.raises(RuntimeError) as e:
+        run_engines_in_turn({"too_small": spec}, timeout=300)
+    assert message in str(e.value)
+    assert "FlexTensorPlanError" in str(e.value)
+    assert "Loading weights" not in str(e.value) and "Model loading took" not in str(e.value)

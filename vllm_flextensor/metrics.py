@@ -1,0 +1,45 @@
+"""FlexTensor counters as Prometheus metrics, named the way vLLM names its own.
+
+They live in the worker process (see ``vllm_dwdp/metrics.py`` on multiprocess mode); in
+offline use ``llm.collective_rpc(vllm_flextensor.moe_layer.worker_stats)`` returns the same
+numbers with the plan.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+_LABELS = ("layer",)
+
+BYTES_STREAMED = Counter("vllm:flextensor_bytes_streamed",
+                         "Bytes of routed experts moved from host memory to the GPU", _LABELS)
+CACHE_LOOKUPS = Counter("vllm:flextensor_cache_lookups",
+                        "Routed experts looked up in the GPU expert cache", _LABELS)
+CACHE_HITS = Counter("vllm:flextensor_cache_hits",
+                     "Routed experts found in the GPU expert cache", _LABELS)
+WHOLE_LAYER_STREAMS = Counter("vllm:flextensor_whole_layer_streams",
+                              "Steps that streamed a whole MoE layer", _LABELS)
+WAIT_SECONDS = Counter("vllm:flextensor_compute_wait_seconds",
+                       "Time the compute stood still for streamed experts", _LABELS)
+ROUTING_SYNC_SECONDS = Counter("vllm:flextensor_routing_sync_seconds",
+                               "Time the host waited for the router's picks", _LABELS)
+
+_FIELDS = (("bytes_streamed", BYTES_STREAMED, 1.0), ("cache_lookups", CACHE_LOOKUPS, 1.0),
+           ("cache_hits", CACHE_HITS, 1.0), ("whole_layer_steps", WHOLE_LAYER_STREAMS, 1.0),
+           ("wait_ms", WAIT_SECONDS, 1e-3), ("routing_sync_ms", ROUTING_SYNC_SECONDS, 1e-3))
+
+
+class MetricsPublisher:
+    """Turns the runtime's running per-layer totals into Prometheus counter increments."""
+
+    def __init__(self):
+        self._last: dict[str, dict[str, float]] = {}
+
+    def publish(self, stats: list[dict]) -> None:
+        for s in stats:
+            prev = self._last.setdefault(s["layer"], {})
+            for key, counter, scale in _FIELDS:
+                delta = s[key] - prev.get(key, 0)
+                if delta > 0:
+                    counter.labels(s["layer"]).inc(delta * scale)
+                prev[key] = s[key]
