@@ -146,7 +146,7 @@ def split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv
             a = _dequantize_groups(*quantize_groups_reference(a, scales.block_k), scales.block_k)
             w13 = _dequantize_blocks(w13, s13, scales.block_n, scales.block_k)
             w2 = _dequantize_blocks(w2, s2, scales.block_n, scales.block_k)
-        h = a @ w13.float().t()
+        h = (a @ w13.float().t()).to(x.dtype).float()  # gate/up in x.dtype, as the kernel
         inter = h.shape[1] // 2
         act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
         act = act.to(x.dtype).float()  # the kernel keeps the activation in x.dtype
@@ -226,10 +226,21 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
     # Empty receive buffers still need a valid pointer.
     w13_r = w13_recv if w13_recv.numel() else w13_local
     w2_r = w2_recv if w2_recv.numel() else w2_local
+    # One row stride serves both tensors: take it from a non-empty one (an empty tensor's
+    # strides need not match its shape).
+    w13_rows = (w13_local if w13_local.numel() else w13_r).stride(1)
+    w2_rows = (w2_local if w2_local.numel() else w2_r).stride(1)
+    for name, w, rows in (("w13_recv", w13_r, w13_rows), ("w2_recv", w2_r, w2_rows),
+                          ("w13_local", w13_local, w13_rows), ("w2_local", w2_local, w2_rows)):
+        if w.numel() and w.stride(1) != rows:
+            raise ValueError(f"{name} has row stride {w.stride(1)}, its pair {rows}: local and "
+                             f"received experts must share one layout")
     if fp8:
         s13_l, s2_l = scales.w13_local.contiguous(), scales.w2_local.contiguous()
         s13_r = scales.w13_recv.contiguous() if w13_recv.numel() else s13_l
         s2_r = scales.w2_recv.contiguous() if w2_recv.numel() else s2_l
+        if not w13_local.numel():  # as above: strides from the non-empty operand
+            s13_l, s2_l = s13_r, s2_r
         scale_n = scales.block_n
     else:  # unused by the kernels (FP8=False): any valid pointers
         s13_l = s2_l = s13_r = s2_r = topk_weights
@@ -237,7 +248,7 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
     gate_up_act_kernel[(max_blocks, triton.cdiv(inter_size, block_n))](
         x, w13_local, w13_r, inter, sorted_pair, block_slot, s13_l, s13_r,
         H, inter_size, K, e_local,
-        x.stride(0), w13_local.stride(0), w13_r.stride(0), w13_local.stride(1), inter.stride(0),
+        x.stride(0), w13_local.stride(0), w13_r.stride(0), w13_rows, inter.stride(0),
         s13_l.stride(0), s13_r.stride(0), s13_l.stride(-2) if fp8 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
         FP8=fp8, SCALE_N=scale_n, num_warps=8, num_stages=3,
@@ -247,7 +258,7 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
     down_kernel[(max_blocks, triton.cdiv(H, block_n))](
         inter, w2_local, w2_r, out_pairs, weights, sorted_pair, block_slot, s2_l, s2_r,
         H, inter_size, e_local,
-        inter.stride(0), w2_local.stride(0), w2_r.stride(0), w2_local.stride(1), out_pairs.stride(0),
+        inter.stride(0), w2_local.stride(0), w2_r.stride(0), w2_rows, out_pairs.stride(0),
         s2_l.stride(0), s2_r.stride(0), s2_l.stride(-2) if fp8 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
         FP8=fp8, SCALE_N=scale_n, num_warps=8, num_stages=3,

@@ -76,6 +76,10 @@ def gate_up_act_kernel(
         else:
             acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision=PRECISION)
             acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=PRECISION)
+    # As vLLM does: gate and up are rounded to the activation dtype before the SiLU-and-mul
+    # (a no-op for fp32; for FP8 experts it keeps the next quantisation step in step).
+    acc_g = acc_g.to(inter_ptr.dtype.element_ty).to(tl.float32)
+    acc_u = acc_u.to(inter_ptr.dtype.element_ty).to(tl.float32)
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(inter_ptr + rows[:, None].to(tl.int64) * stride_inter + offs_n[None, :],
              act.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
