@@ -210,7 +210,7 @@ class DwdpRoutedExperts(RoutedExperts):
             placement, bound.arguments["expert_map_manager"])
         args, kwargs = bound.args[1:], bound.kwargs
         super().__init__(*args, **kwargs)
-        self.dwdp_fp8_block = vllm_compat.dwdp_fp8_block_shape(self)
+        self.dwdp_fp8_block = vllm_compat.expert_fp8_block_shape(self, "DWDP")
         self.dwdp_runtime = runtime
         self.dwdp_name = self.layer_name
         self.dwdp_index = -1
@@ -242,13 +242,8 @@ class DwdpRoutedExperts(RoutedExperts):
         self.dwdp_runtime.layer_loaded()
 
 
-class DwdpExpertsMethod(torch.nn.Module):
+class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
     """The routed-experts compute of a DWDP layer; anything else goes to vLLM's own method."""
-
-    is_monolithic = False
-    topk_indices_dtype = None
-    mk_can_overlap_shared_experts = False  # vLLM's runner runs the shared experts itself
-    moe_kernel = None
 
     def __init__(self, inner, layer: DwdpRoutedExperts):
         super().__init__()
@@ -277,13 +272,3 @@ class DwdpExpertsMethod(torch.nn.Module):
                         recv["w13_weight"], recv["w2_weight"], layer.dwdp_slot_of_expert, scales)
         prefetcher.release(i)
         return out
-
-    def __getattr__(self, name):  # only reached for names this object does not have
-        modules = self.__dict__.get("_modules", {})
-        if name in modules:
-            return modules[name]
-        # vLLM's method is an nn.Module (unquantized) or a plain object (FP8).
-        inner = modules.get("inner", self.__dict__.get("inner"))
-        if inner is not None:
-            return getattr(inner, name)
-        raise AttributeError(name)

@@ -122,21 +122,50 @@ def _prefer_eager_where_needed(engine_args) -> None:
     therefore run compiled without CUDA graphs; prefill-heavy steps, where DWDP pays off,
     gain little from graphs.
     """
+    run_without_cuda_graphs(
+        engine_args, "dwdp",
+        cpu_reason="DWDP on CPU runs the model eagerly (enforce_eager=True): the CPU backend "
+                   "traces MoE layers into its compiled graph",
+        cuda_reason="DWDP runs this engine without CUDA graphs (cudagraph_mode=NONE; "
+                    "torch.compile stays on): pulls ordered across graph pieces cannot be "
+                    "captured")
+
+
+def run_without_cuda_graphs(engine_args, plugin: str, cpu_reason: str, cuda_reason: str) -> None:
+    """Before the engine config is built: CPU engines run eagerly, CUDA engines compiled but
+    with ``cudagraph_mode=NONE``; each change is logged with ``plugin``'s reason."""
     from vllm.platforms import current_platform
 
     if engine_args.enforce_eager:
         return
     if current_platform.is_cpu():
-        logger("dwdp").warning("DWDP on CPU runs the model eagerly (enforce_eager=True): the "
-                               "CPU backend traces MoE layers into its compiled graph")
+        logger(plugin).warning(cpu_reason)
         engine_args.enforce_eager = True
         return
     from vllm.config.compilation import CUDAGraphMode
 
-    logger("dwdp").warning("DWDP runs this engine without CUDA graphs (cudagraph_mode=NONE; "
-                           "torch.compile stays on): pulls ordered across graph pieces cannot "
-                           "be captured")
+    logger(plugin).warning(cuda_reason)
     engine_args.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+
+
+class ExpertsMethodProxy:
+    """Base of a plugin's replacement for a MoE layer's quant method: subclasses implement
+    ``apply``; every other attribute vLLM's runner asks for comes from vLLM's own method
+    (``inner``), which is an nn.Module (unquantized) or a plain object (FP8)."""
+
+    is_monolithic = False
+    topk_indices_dtype = None
+    mk_can_overlap_shared_experts = False  # vLLM's runner runs the shared experts itself
+    moe_kernel = None
+
+    def __getattr__(self, name):  # only reached for names this object does not have
+        modules = self.__dict__.get("_modules", {})
+        if name in modules:
+            return modules[name]
+        inner = modules.get("inner", self.__dict__.get("inner"))
+        if inner is not None:
+            return getattr(inner, name)
+        raise AttributeError(name)
 
 
 def routed_experts_class():
@@ -199,15 +228,20 @@ def check_dwdp_moe_config(moe_config, quant_config) -> None:
             "DWDP replaces tensor, data and expert parallelism for MoE layers: start each DWDP "
             f"rank as a single-GPU engine (got tp={par.tp_size}, dp={par.dp_size}, "
             f"ep={par.use_ep}); use dwdp.world_size for the number of GPUs")
+    check_split_moe_activation(moe_config, "DWDP")
+
+
+def check_split_moe_activation(moe_config, plugin: str) -> None:
+    """The split-weight kernel computes SiLU-gated experts without bias: refuse others."""
     act = getattr(moe_config.activation, "value", moe_config.activation)
     if str(act).lower() != "silu" or getattr(moe_config, "has_bias", False):
         raise NotImplementedError(
-            f"DWDP's expert kernel computes SiLU-gated experts without bias; this model's "
+            f"{plugin}'s expert kernel computes SiLU-gated experts without bias; this model's "
             f"experts use activation {act!r}, bias={getattr(moe_config, 'has_bias', False)}")
 
 
-def dwdp_fp8_block_shape(layer) -> tuple[int, int] | None:
-    """How DWDP reads ``layer``'s expert weights: None for bf16/fp16/fp32, or the
+def expert_fp8_block_shape(layer, plugin: str) -> tuple[int, int] | None:
+    """How the split-weight kernel reads ``layer``'s experts: None for bf16/fp16/fp32, or the
     (block_n, block_k) of block-scaled FP8 checkpoints (``weight_scale_inv``). Anything
     else is refused with the reason, before any weight is loaded."""
     method = layer.quant_method
@@ -220,9 +254,9 @@ def dwdp_fp8_block_shape(layer) -> tuple[int, int] | None:
             and hasattr(layer, "w13_weight_scale_inv")):
         return int(block[0]), int(block[1])
     raise NotImplementedError(
-        f"DWDP handles unquantized experts (bf16/fp16/fp32) and block-scaled FP8 checkpoints "
-        f"(quant_method 'fp8' with weight_block_size); this layer's experts use {kind}. Serve "
-        f"this checkpoint without DWDP, or use a bf16 or block-FP8 checkpoint.")
+        f"{plugin} handles unquantized experts (bf16/fp16/fp32) and block-scaled FP8 "
+        f"checkpoints (quant_method 'fp8' with weight_block_size); this layer's experts use "
+        f"{kind}. Serve this checkpoint without {plugin}, or use a bf16 or block-FP8 one.")
 
 
 def wrap_process_weights_after_loading(layer, callback) -> None:

@@ -367,13 +367,8 @@ def _after_loading(layer, inner_method) -> None:
     layer.flextensor_runtime.layer_loaded(layer)
 
 
-class FlexTensorExpertsMethod(torch.nn.Module):
+class FlexTensorExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
     """The routed-experts compute of an offloaded layer; anything else goes to vLLM's method."""
-
-    is_monolithic = False
-    topk_indices_dtype = None
-    mk_can_overlap_shared_experts = False  # vLLM's runner runs the shared experts itself
-    moe_kernel = None
 
     def __init__(self, inner):
         super().__init__()
@@ -382,15 +377,6 @@ class FlexTensorExpertsMethod(torch.nn.Module):
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None,
               shared_experts_input=None):
         return layer.flextensor_runtime.run_layer(layer, x, topk_weights, topk_ids)
-
-    def __getattr__(self, name):  # only reached for names this object does not have
-        modules = self.__dict__.get("_modules", {})
-        if name in modules:
-            return modules[name]
-        inner = modules.get("inner", self.__dict__.get("inner"))
-        if inner is not None:
-            return getattr(inner, name)
-        raise AttributeError(name)
 
 
 __all__ = ["init_offloaded_experts", "worker_stats", "FlexTensorRuntime"]

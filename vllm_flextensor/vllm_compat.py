@@ -19,8 +19,9 @@
 from __future__ import annotations
 
 from vllm_dwdp import versioning
-from vllm_dwdp.vllm_compat import (add_config_validator, install_once, logger,  # noqa: F401
-                                   wrap_process_weights_after_loading)
+from vllm_dwdp.vllm_compat import (  # noqa: F401 (ExpertsMethodProxy: used by moe_layer)
+    ExpertsMethodProxy, add_config_validator, check_split_moe_activation,
+    expert_fp8_block_shape, install_once, logger, wrap_process_weights_after_loading)
 
 
 def install_flextensor() -> None:
@@ -71,21 +72,13 @@ def check_plan_fits(engine_args, cfg) -> None:
 def _without_graphs(engine_args) -> None:
     """A step's copies depend on its routing (read by the host), which no captured graph can
     replay: CPU engines run eagerly, CUDA engines compiled without CUDA graphs."""
-    from vllm.platforms import current_platform
+    from vllm_dwdp.vllm_compat import run_without_cuda_graphs
 
-    if engine_args.enforce_eager:
-        return
-    if current_platform.is_cpu():
-        logger("flextensor").warning("FlexTensor on CPU runs the model eagerly "
-                                     "(enforce_eager=True)")
-        engine_args.enforce_eager = True
-        return
-    from vllm.config.compilation import CUDAGraphMode
-
-    logger("flextensor").warning("FlexTensor runs this engine without CUDA graphs "
-                                 "(cudagraph_mode=NONE; torch.compile stays on): which experts "
-                                 "move depends on each step's routing")
-    engine_args.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+    run_without_cuda_graphs(
+        engine_args, "flextensor",
+        cpu_reason="FlexTensor on CPU runs the model eagerly (enforce_eager=True)",
+        cuda_reason="FlexTensor runs this engine without CUDA graphs (cudagraph_mode=NONE; "
+                    "torch.compile stays on): which experts move depends on each step's routing")
 
 
 def host_available_bytes() -> int:
@@ -180,26 +173,10 @@ def check_moe_layer(layer) -> None:
             f"FlexTensor offloads experts of single-GPU engines; this one shards experts "
             f"(tp={par.tp_size}, dp={par.dp_size}, ep={par.use_ep}). Start it with one GPU, or "
             f"without additional_config.flextensor")
-    act = getattr(cfg.activation, "value", cfg.activation)
-    if str(act).lower() != "silu" or getattr(cfg, "has_bias", False):
-        raise NotImplementedError(
-            f"FlexTensor's expert kernel computes SiLU-gated experts without bias; this model's "
-            f"experts use activation {act!r}, bias={getattr(cfg, 'has_bias', False)}")
+    check_split_moe_activation(cfg, "FlexTensor")
 
 
 def fp8_block_shape(layer) -> tuple[int, int] | None:
     """None for bf16/fp16/fp32 experts, (block_n, block_k) for block-scaled FP8 checkpoints;
     other formats are refused before anything loads."""
-    method = layer.quant_method
-    kind = type(method).__name__
-    if kind == "UnquantizedFusedMoEMethod":
-        return None
-    block = getattr(getattr(method, "quant_config", None), "weight_block_size", None)
-    if (kind == "Fp8MoEMethod" and block is not None and len(block) == 2
-            and getattr(method.quant_config, "is_checkpoint_fp8_serialized", False)
-            and hasattr(layer, "w13_weight_scale_inv")):
-        return int(block[0]), int(block[1])
-    raise NotImplementedError(
-        f"FlexTensor moves and computes unquantized experts (bf16/fp16/fp32) and block-scaled "
-        f"FP8 checkpoints (quant_method 'fp8' with weight_block_size); this layer's experts use "
-        f"{kind}. Serve this checkpoint without FlexTensor, or use a bf16 or block-FP8 one.")
+    return expert_fp8_block_shape(layer, "FlexTensor")
