@@ -18,21 +18,29 @@ def _spec(model: str, device: str, **extra) -> dict:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe"])
 def test_plugins_enabled_match_stock(moe_checkpoint, kind, device):
+    """Stock vLLM, vLLM with DWDP on and vLLM with FlexTensor on (one engine runs one of
+    them), all with both plugins installed except the stock one."""
     model = moe_checkpoint(kind)
-    plugins_on = {"dwdp": {"enabled": True}, "flextensor": {"enabled": True}}
     results = run_engines({
         "stock": _spec(model, device, env={"VLLM_PLUGINS": ""}),
-        "plugin": _spec(model, device, additional_config=plugins_on),
+        "dwdp": _spec(model, device, additional_config={"dwdp": {"enabled": True}}),
+        "flextensor": _spec(model, device, additional_config={"flextensor": {"enabled": True}}),
     }, concurrent=device == "cpu")
-    # The plugins were really loaded in the plugin engine, and not in the stock one.
-    plugin_log = open(results["plugin"]["log_path"]).read()
-    stock_log = open(results["stock"]["log_path"]).read()
-    assert "vllm-dwdp plugin 'dwdp' loaded" in plugin_log
-    assert "DWDP enabled" in plugin_log
-    assert "vllm-dwdp plugin" not in stock_log
-    worst = assert_outputs_equal(results["stock"], results["plugin"])
-    assert all(len(o["token_ids"]) == 8 for o in results["plugin"]["outputs"])
-    record_result(f"equality_stock_{kind}_{device}", {
-        "tokens_equal": True, "max_logprob_abs_diff": worst, "model": kind,
-        "plugin_log_lines": [l for l in plugin_log.splitlines() if "vllm-dwdp" in l or "DWDP" in l][:6],
-    })
+    logs = {name: open(r["log_path"]).read() for name, r in results.items()}
+    # The plugins were really loaded and enabled where asked, and not in the stock engine.
+    for name, enabled_line in (("dwdp", "DWDP enabled"), ("flextensor", "FlexTensor enabled")):
+        assert "vllm-dwdp plugin 'dwdp' loaded" in logs[name]
+        assert "vllm-dwdp plugin 'flextensor' loaded" in logs[name]
+        assert enabled_line in logs[name]
+    assert "DWDP enabled" not in logs["flextensor"] and "FlexTensor enabled" not in logs["dwdp"]
+    assert "vllm-dwdp plugin" not in logs["stock"]
+    record = {"model": kind}
+    for name in ("dwdp", "flextensor"):
+        worst = assert_outputs_equal(results["stock"], results[name])
+        assert all(len(o["token_ids"]) == 8 for o in results[name]["outputs"])
+        record[name] = {
+            "tokens_equal": True, "max_logprob_abs_diff": worst,
+            "plugin_log_lines": [l for l in logs[name].splitlines()
+                                 if "vllm-dwdp" in l or "DWDP" in l or "FlexTensor" in l][:6],
+        }
+    record_result(f"equality_stock_{kind}_{device}", record)

@@ -81,6 +81,18 @@ def test_bad_config_fails_in_engine_args_before_model_loading():
     assert "PluginConfigError: additional_config.dwdp: rank must be below world_size (2)" in proc.stderr
 
 
+def test_dwdp_and_flextensor_together_refused_before_model_loading():
+    code = (
+        "from vllm.engine.arg_utils import EngineArgs\n"
+        "EngineArgs(model='/nonexistent/model', additional_config="
+        "{'dwdp': {'enabled': True}, 'flextensor': {'enabled': True}}).create_engine_config()\n"
+    )
+    proc = _run(code)
+    assert proc.returncode != 0
+    assert ("PluginConfigError: additional_config: dwdp and flextensor are both enabled"
+            in proc.stderr)
+
+
 def test_unsupported_vllm_version_names_supported_range():
     code = (
         "from vllm.engine.arg_utils import EngineArgs\n"

@@ -188,9 +188,7 @@ class DwdpRoutedExperts(RoutedExperts):
         cfg = vllm_compat.current_dwdp_config()
         offload = vllm_compat.current_flextensor_config()
         if offload.enabled:
-            if cfg.enabled:
-                raise NotImplementedError("DWDP and FlexTensor cannot both be enabled on one "
-                                          "engine yet; enable one of them")
+            vllm_compat.check_one_plugin_enabled(cfg, offload)  # refused at start-up already
             from vllm_flextensor.moe_layer import init_offloaded_experts
 
             self.dwdp_runtime = None

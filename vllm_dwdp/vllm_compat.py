@@ -75,6 +75,9 @@ def install_dwdp() -> None:
         cfg = parse_dwdp_config(engine_args.additional_config)
         if cfg.enabled:
             versioning.check_supported("DWDP")
+            from vllm_flextensor.config import parse_flextensor_config
+
+            check_one_plugin_enabled(cfg, parse_flextensor_config(engine_args.additional_config))
             logger("dwdp").info(
                 "DWDP enabled: rank %d of %d, prefetch depth %d, transport %s",
                 cfg.rank, cfg.world_size, cfg.prefetch_depth, cfg.transport,
@@ -91,6 +94,18 @@ def install_dwdp() -> None:
     logger("dwdp").info(
         "vllm-dwdp plugin 'dwdp' loaded (vLLM %s, %s)", versioning.vllm_version(), state
     )
+
+
+def check_one_plugin_enabled(dwdp_config, flextensor_config) -> None:
+    """One engine runs DWDP or FlexTensor, not both."""
+    from vllm_dwdp.plugin_config import PluginConfigError
+
+    if dwdp_config.enabled and flextensor_config.enabled:
+        raise PluginConfigError(
+            "additional_config: dwdp and flextensor are both enabled, but one engine runs one "
+            "of them (DWDP splits the experts over GPUs, FlexTensor offloads them to host "
+            "memory); set \"enabled\": false in one of the two sections"
+        )
 
 
 _LAYER_ERROR: Exception | None = None
