@@ -6,19 +6,28 @@ no tokenizer) with ``--off-gpu`` (default 75%) of its routed-expert bytes off th
 - ``flextensor``: ``additional_config.flextensor.gpu_budget_gb`` = all weights minus those bytes
   (experts cached by routing frequency, the rest streamed from pinned host memory);
 - ``cpu_offload_gb``: stock vLLM, ``cpu_offload_gb`` = those bytes (UVA: the GPU reads the
-  offloaded parameters over PCIe wherever its kernels touch them).
+  offloaded parameters over PCIe wherever its kernels touch them);
+- ``flextensor_lib``: NVIDIA's ``flextensor`` library (PyPI, not this repo) through its vLLM
+  worker (``worker_cls`` = ``flextensor.contrib.vllm.worker.FlexTensorOffloadWorker``,
+  ``FT_ENABLED=1``), its weight budget ``FT_MAX_GPU_MEM_FRACTION`` = the same budget over the
+  GPU's total memory. It offloads whole decoder layers (vLLM's ``make_layers`` units) and
+  streams them through a ring of layer-sized GPU blocks; it does not look at the routing.
+  Needs the library and its dependencies (``.whl/README.txt``); if it does not start, the JSON
+  records ``run: false`` and the tail of its log.
 
 Each variant runs in its own process, one after the other, and measures decode tokens/s at
 batch 1, 8 and 64 and prefill tokens/s. The parent also measures pinned host-to-device copy
 bandwidth, so the JSON reports ``stream_fraction_of_h2d`` (FlexTensor's copy bandwidth,
 bytes streamed / side-stream copy time, over that ceiling) and
-``decode_bs1_speedup_vs_cpu_offload_gb``. Writes ``$OUT/flextensor_h200.json`` (with the
-command) and ``$OUT/flextensor_h200.png``.
+``decode_bs1_speedup_vs_cpu_offload_gb``. Writes ``$OUT/flextensor_<gpu>.json`` (with the
+command) and ``$OUT/flextensor_<gpu>.png`` (``<gpu>``: h100, h200, ...).
 
     python benchmarks/flextensor_bench.py                  # GPU, ~6-7 minutes on one H200
+                                                           # before flextensor_lib was added
     python benchmarks/flextensor_bench.py --tiny           # CPU smoke test of the script logic
+    python benchmarks/flextensor_bench.py --dry-run        # each variant's command, env and spec
 
-Both variants run eagerly (``enforce_eager``; no torch.compile or CUDA graphs: start-up time)
+All variants run eagerly (``enforce_eager``; no torch.compile or CUDA graphs: start-up time)
 unless ``--compile`` is given; FlexTensor never captures CUDA graphs.
 """
 
@@ -102,8 +111,10 @@ def run_variant(spec: dict) -> dict:
             for k in after["totals"] if k != "cache_hit_rate"}
         c = result["flextensor_counters"]
         c["cache_hit_rate"] = c["cache_hits"] / c["cache_lookups"] if c["cache_lookups"] else 0.0
-        c["stream_gb_per_s"] = (c["bytes_streamed"] / (c["stream_ms"] / 1e3) / 1e9
-                                if c["stream_ms"] > 0 else None)
+        # Copy-engine bandwidth: bytes the side stream copied over the time it spent copying
+        # (in-place reads of routed experts are in bytes_streamed but have no copy time).
+        copied = c.get("bytes_copied", c["bytes_streamed"])
+        c["stream_gb_per_s"] = copied / (c["stream_ms"] / 1e3) / 1e9 if c["stream_ms"] > 0 else None
     import vllm
 
     result["vllm_version"] = vllm.__version__
@@ -151,13 +162,50 @@ def model_dir(args, workdir: Path) -> tuple[str, dict]:
     return str(path), cfg
 
 
+FT_LIB_WORKER_CLS = "flextensor.contrib.vllm.worker.FlexTensorOffloadWorker"
+
+
 def flextensor_library_status() -> dict:
+    """Before the runs: is NVIDIA's flextensor installed (metadata only, no import)?"""
+    import importlib.metadata
+
     try:
-        import flextensor  # noqa: F401
-    except ImportError as e:
-        return {"run": False, "reason": f"the flextensor package is not installed here ({e}); the "
-                "device has no network to install it"}
-    return {"run": False, "reason": "installed, but this benchmark has no adapter for it yet"}
+        version = importlib.metadata.version("flextensor")
+    except importlib.metadata.PackageNotFoundError as e:
+        return {"run": False, "version": None, "reason": f"the flextensor package is not "
+                f"installed here ({e!r}); install .whl/*.whl (see .whl/README.txt)"}
+    return {"run": False, "version": version, "reason": "the flextensor_lib variant was not "
+            "requested (--variants)"}
+
+
+def exception_lines(log: str, limit: int = 20) -> list[str]:
+    """The ``SomeError: message`` lines of a log, vLLM's process/log prefixes stripped, in
+    order and without repeats (the first is the root cause, the last what the client saw)."""
+    import re
+
+    prefix = re.compile(r"^(\(\S+ pid=\d+\) )?(\w+ [\d-]+ [\d:.]+ \[[^\]]*\] )?")
+    exc = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b[^:\s]*: ")
+    found = [prefix.sub("", ln).strip()[:800] for ln in log.splitlines()]
+    found = list(dict.fromkeys(ln for ln in found if exc.match(ln)))
+    return found if len(found) <= limit else found[:limit // 2] + found[-(limit // 2):]
+
+
+def gpu_total_bytes() -> int | None:
+    """Total device memory as the library sees it (cudaMemGetInfo), for its fraction budget."""
+    import torch
+
+    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+
+
+def _gpu_tag() -> str:
+    """h100 / h200 / ...: result files are named for the GPU they were measured on."""
+    import torch
+
+    name = torch.cuda.get_device_name(0).lower() if torch.cuda.is_available() else "cpu"
+    for tag in ("h200", "h100", "b200", "gb10", "gh200", "a100"):
+        if tag in name:
+            return tag
+    return "gpu"
 
 
 def main() -> int:
@@ -166,11 +214,18 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=24,
                    help="decoder layers of the 30B shape (48 = the full model; fewer start faster)")
     p.add_argument("--off-gpu", type=float, default=0.75, help="share of routed-expert bytes off the GPU")
-    p.add_argument("--variants", default="flextensor,cpu_offload_gb,flextensor_uva")
+    p.add_argument("--variants", default="flextensor,cpu_offload_gb,flextensor_uva,flextensor_lib")
     p.add_argument("--decode-steps", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--compile", action="store_true", help="torch.compile (and CUDA graphs for stock)")
     p.add_argument("--timeout", type=float, default=240, help="seconds per variant")
+    p.add_argument("--lib-timeout", type=float, default=None,
+                   help="seconds for flextensor_lib (default: --timeout); it stages and pins every "
+                   "weight on the host at start-up and streams whole layers, so it may need more")
+    p.add_argument("--lib-env", default="", help="extra KEY=VALUE,... for flextensor_lib "
+                   "(e.g. FT_NUM_BLOCKS=2 or DISABLE_BEARTYPE=1); the library's defaults otherwise")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write the specs and print each variant's command and env; start no engine")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -208,6 +263,17 @@ def main() -> int:
             "flextensor": {"enabled": True, "gpu_budget_gb": budget_bytes / GiB,
                            "mode": "unified"}}),
     }
+    # NVIDIA's flextensor through its vLLM worker. Its budget covers every weight on the GPU
+    # (resident ones and its stream blocks), as a fraction of the device's total memory.
+    total = gpu_total_bytes()
+    lib_env = {"FT_ENABLED": "1"}
+    if total:
+        lib_env["FT_MAX_GPU_MEM_FRACTION"] = repr(budget_bytes / total)
+    lib_env.update(kv.split("=", 1) for kv in args.lib_env.split(",") if kv)
+    specs["flextensor_lib"] = dict(common, engine_kwargs=dict(engine_kwargs,
+                                                              worker_cls=FT_LIB_WORKER_CLS),
+                                   env=lib_env, log_grep=["FlexTensor", "flextensor",
+                                                          "Model loading took", "KV cache"])
     h2d = h2d_bandwidth_gbs() if not args.tiny else {"gb_per_s": None, "reason": "--tiny (CPU)"}
     report = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -227,6 +293,7 @@ def main() -> int:
         "gpu_weight_budget_gib": budget_bytes / GiB,
         "gpu_memory_utilization": None if args.tiny else args.gpu_memory_utilization,
         "h2d_pinned": h2d,
+        "gpu_total_bytes": total,
         "flextensor_library": flextensor_library_status(),
         "variants": {},
     }
@@ -237,33 +304,64 @@ def main() -> int:
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     if args.tiny:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    stem = "flextensor_tiny_cpu" if args.tiny else f"flextensor_{_gpu_tag()}"
     for name in args.variants.split(","):
         spec_path, res_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
         spec_path.write_text(json.dumps(specs[name]))
         log_path = out / f"flextensor_bench_{name}.log"
+        cmd = [sys.executable, __file__, "--worker", str(spec_path), str(res_path)]
+        venv = dict(env, **specs[name].get("env", {}))
+        timeout = (args.lib_timeout if name == "flextensor_lib" and args.lib_timeout
+                   else args.timeout)
+        if args.dry_run:
+            print(f"[flextensor_bench] {name}: env {json.dumps(specs[name].get('env', {}))} "
+                  f"timeout {timeout:.0f} s\n  {shlex.join(cmd)}\n  spec {json.dumps(specs[name])}")
+            continue
         print(f"[flextensor_bench] running {name} ...", flush=True)
         t = time.monotonic()
         with open(log_path, "w") as log:
             try:
-                rc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path),
-                                     str(res_path)], env=env, cwd=REPO, stdout=log,
-                                    stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+                rc = subprocess.run(cmd, env=venv, cwd=REPO, stdout=log,
+                                    stderr=subprocess.STDOUT, timeout=timeout).returncode
             except subprocess.TimeoutExpired:
-                rc = f"timeout after {args.timeout:.0f} s"
+                rc = f"timeout after {timeout:.0f} s"
+        text = log_path.read_text(errors="replace")
         if rc == 0:
             report["variants"][name] = json.loads(res_path.read_text())
         else:
-            tail = log_path.read_text()[-3000:]
-            report["variants"][name] = {"error": f"exit {rc}", "log_tail": tail}
+            report["variants"][name] = {"error": f"exit {rc}", "error_lines":
+                                        exception_lines(text), "log_tail": text[-3000:]}
+        if specs[name].get("log_grep"):
+            report["variants"][name]["log_lines"] = [
+                ln[:1500] for ln in text.splitlines()
+                if any(k in ln for k in specs[name]["log_grep"]) and "File \"" not in ln][:40]
+        if specs[name].get("env"):
+            report["variants"][name]["env"] = specs[name]["env"]
         report["variants"][name]["wall_s"] = time.monotonic() - t
+        if name == "flextensor_lib":
+            lib = report["flextensor_library"]
+            lib.update(run="error" not in report["variants"][name], variant=name,
+                       worker_cls=FT_LIB_WORKER_CLS, env=specs[name]["env"])
+            errs = report["variants"][name].get("error_lines") or ["(no exception in its log)"]
+            # The first exception is the root cause (the engine's worker); the last, what the
+            # client saw.
+            lib["reason"] = (None if lib["run"] else f"{report['variants'][name]['error']}: "
+                             + " ... ".join(dict.fromkeys([errs[0], errs[-1]])))
         print(f"[flextensor_bench] {name}: {json.dumps(report['variants'][name])[:600]}",
               flush=True)
+        # Written after every variant: a run stopped later (device time) keeps what finished.
+        summarize(report)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    if args.dry_run:
+        print(json.dumps({k: v for k, v in report.items() if k != "variants"}, indent=2))
+        return 0
     summarize(report)
-    name = "flextensor_tiny_cpu" if args.tiny else "flextensor_h200"
-    plot(report, out / f"{name}.png")
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("summary", "h2d_pinned")}, indent=2))
-    return 0 if all("error" not in v for v in report["variants"].values()) else 1
+    # The library failing to start is a finding (flextensor_library.run false), not a failure.
+    return 0 if all("error" not in v for k, v in report["variants"].items()
+                    if k != "flextensor_lib") else 1
 
 
 def summarize(report: dict) -> None:
@@ -283,6 +381,15 @@ def summarize(report: dict) -> None:
     s["prefill_tok_per_s"] = {"flextensor": a, "cpu_offload_gb": c, "flextensor_uva": u}
     s["prefill_speedup_vs_cpu_offload_gb"] = a / c if a and c else None
     s["prefill_uva_speedup_vs_cpu_offload_gb"] = u / c if u and c else None
+    # NVIDIA's flextensor library (flextensor_lib): its tokens/s next to the others, its
+    # speedup over --cpu-offload-gb, and ours over it.
+    lib = v.get("flextensor_lib", {})
+    for key, get in [(f"decode_bs{b}", lambda r, b=b: r.get("decode", {}).get(b, {}))
+                     for b in ("1", "8", "64")] + [("prefill", lambda r: r.get("prefill", {}))]:
+        a, c, x = (get(r).get("tok_per_s") for r in (ours, stock, lib))
+        s[f"{key}_tok_per_s"]["flextensor_lib"] = x
+        s[f"{key}_lib_speedup_vs_cpu_offload_gb"] = x / c if x and c else None
+        s[f"{key}_speedup_vs_flextensor_lib"] = a / x if a and x else None
     counters = ours.get("flextensor_counters", {})
     stream = counters.get("stream_gb_per_s")
     h2d = report["h2d_pinned"].get("gb_per_s")
@@ -309,10 +416,16 @@ def plot(report: dict, path: Path) -> None:
     labels = ["decode bs1", "decode bs8", "decode bs64", "prefill"]
     keys = ["decode_bs1_tok_per_s", "decode_bs8_tok_per_s", "decode_bs64_tok_per_s",
             "prefill_tok_per_s"]
+    names, colors = ["FlexTensor", "--cpu-offload-gb"], ["tab:green", "tab:gray"]
+    lib = any(s[k].get("flextensor_lib") for k in keys)  # NVIDIA's flextensor, where it ran
+    if lib:
+        names = ["FlexTensor\n(ours)", "--cpu-\noffload-gb", "flextensor\n(NVIDIA lib)"]
+        colors = colors + ["tab:blue"]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
     for ax, label, key in zip(axes, labels, keys):
         vals = [s[key]["flextensor"] or 0, s[key]["cpu_offload_gb"] or 0]
-        bars = ax.bar(["FlexTensor", "--cpu-offload-gb"], vals, color=["tab:green", "tab:gray"])
+        vals += [s[key].get("flextensor_lib") or 0] if lib else []
+        bars = ax.bar(names, vals, color=colors)
         ax.bar_label(bars, fmt="%.1f")
         ax.set_title(label)
         ax.set_ylabel("tokens/s")
@@ -339,17 +452,20 @@ def plot_with_pillow(report: dict, path: Path) -> str:
     img = Image.new("RGB", (1200, 420), "white")
     d = ImageDraw.Draw(img)
     h2d, frac = report["h2d_pinned"].get("gb_per_s"), s.get("stream_fraction_of_h2d")
+    lib = any(s[k].get("flextensor_lib") for _, k in panels)  # NVIDIA's flextensor, where it ran
     d.text((10, 8), f"{report['model']}, {report['num_hidden_layers']} layers; tokens/s, green "
-                    f"FlexTensor, grey --cpu-offload-gb; H2D {h2d and round(h2d, 1)} GB/s, "
+                    f"FlexTensor, grey --cpu-offload-gb{', blue flextensor lib' if lib else ''}; "
+                    f"H2D {h2d and round(h2d, 1)} GB/s, "
                     f"streaming at {frac and round(100 * frac)}% of it", fill="black")
     for i, (label, key) in enumerate(panels):
         vals = [s[key]["flextensor"] or 0, s[key]["cpu_offload_gb"] or 0]
+        vals += [s[key].get("flextensor_lib") or 0] if lib else []
         top = max(vals) or 1
         x0 = 30 + i * 290
-        for j, (v, color) in enumerate(zip(vals, ("green", "grey"))):
+        for j, (v, color) in enumerate(zip(vals, ("green", "grey", "blue"))):
             h = int(300 * v / top)
-            d.rectangle([x0 + j * 110, 380 - h, x0 + j * 110 + 90, 380], fill=color)
-            d.text((x0 + j * 110, 365 - h), f"{v:.1f}", fill="black")
+            d.rectangle([x0 + j * 85, 380 - h, x0 + j * 85 + 70, 380], fill=color)
+            d.text((x0 + j * 85, 365 - h), f"{v:.1f}", fill="black")
         d.text((x0, 395), label, fill="black")
     img.save(path)
     return str(path)

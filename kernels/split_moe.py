@@ -42,6 +42,9 @@ class BlockScales:
     w2_recv: torch.Tensor
     block_n: int = 128
     block_k: int = 128
+    # Activation scales rounded up to powers of two (UE8M0), as vLLM quantises activations
+    # when DeepGEMM's E8M0 format is on (vLLM 0.26+ on Hopper/Blackwell by default).
+    ue8m0: bool = False
 
 
 def _check(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv, slot_of_expert):
@@ -85,12 +88,17 @@ def _check_fp8(w13_local, w2_local, w13_recv, w2_recv, scales: BlockScales | Non
     return True
 
 
-def quantize_groups_reference(a: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row, per-``group``-channel dynamic FP8 quantisation: (fp8 values, float32 scales)."""
+def quantize_groups_reference(a: torch.Tensor, group: int,
+                              ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row, per-``group``-channel dynamic FP8 quantisation: (fp8 values, float32 scales).
+
+    scale = max(|a|) / 448 per group (``ue8m0``: rounded up to a power of two)."""
     M, K = a.shape
     pad = (-K) % group
     g = torch.nn.functional.pad(a.float(), (0, pad)).view(M, -1, group)
-    scale = g.abs().amax(-1).clamp(min=FP8_EPS) / FP8_MAX
+    scale = g.abs().amax(-1).clamp(min=FP8_EPS) * (1.0 / FP8_MAX)
+    if ue8m0:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(M, -1)[:, :K], scale
 
@@ -143,7 +151,8 @@ def split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv
         if fp8:
             s13, s2 = ((scales.w13_local[i], scales.w2_local[i]) if local
                        else (scales.w13_recv[i], scales.w2_recv[i]))
-            a = _dequantize_groups(*quantize_groups_reference(a, scales.block_k), scales.block_k)
+            a = _dequantize_groups(*quantize_groups_reference(a, scales.block_k, scales.ue8m0),
+                                   scales.block_k)
             w13 = _dequantize_blocks(w13, s13, scales.block_n, scales.block_k)
             w2 = _dequantize_blocks(w2, s2, scales.block_n, scales.block_k)
         h = (a @ w13.float().t()).to(x.dtype).float()  # gate/up in x.dtype, as the kernel
@@ -151,7 +160,8 @@ def split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv
         act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
         act = act.to(x.dtype).float()  # the kernel keeps the activation in x.dtype
         if fp8:
-            act = _dequantize_groups(*quantize_groups_reference(act, scales.block_k),
+            act = _dequantize_groups(*quantize_groups_reference(act, scales.block_k,
+                                                                scales.ue8m0),
                                      scales.block_k)
         y = (act @ w2.float().t()) * flat_w[start:start + n, None]
         out.index_add_(0, toks, y)
@@ -160,11 +170,86 @@ def split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv
 
 
 def split_moe(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
-              slot_of_expert, scales: BlockScales | None = None) -> torch.Tensor:
-    """Split-weight MoE; the Triton kernel on CUDA, the reference elsewhere."""
-    fn = _split_moe_triton if x.is_cuda else split_moe_reference
-    return fn(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
-              slot_of_expert, scales)
+              slot_of_expert, scales: BlockScales | None = None, *,
+              config: KernelConfig | None = None) -> torch.Tensor:
+    """Split-weight MoE; the Triton kernel on CUDA, the reference elsewhere.
+
+    ``config`` picks the Triton tiles (CUDA only); ``None`` lets :func:`pick_config` choose
+    by problem size.
+    """
+    if not x.is_cuda:
+        return split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv,
+                                   w2_recv, slot_of_expert, scales)
+    return _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
+                             slot_of_expert, scales, config=config)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tiles and launch options of the two Triton kernels (gate/up+act and down).
+
+    ``block_m`` rows of (token, k) pairs of one expert, ``block_n`` output columns and
+    ``block_k`` reduction columns per step. For FP8 experts ``block_k`` is the weight scale
+    block (one K tile = one scale column = one activation quantisation group) and
+    ``block_n`` must divide the scale block; the launcher enforces both.
+    """
+
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def as_dict(self) -> dict:
+        return {"block_m": self.block_m, "block_n": self.block_n, "block_k": self.block_k,
+                "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def pick_config(tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
+                fp8: bool) -> KernelConfig:
+    """Tiles for one call, chosen from the problem size alone (pure: no device queries).
+
+    What matters is ``m = tokens * top_k / num_experts``, the average rows an expert gets
+    (``num_experts`` counts every slot, local and received). The kernel pads each expert's
+    rows to ``block_m``, so with few rows per expert (decode, small prefill chunks) a
+    64-row tile mostly multiplies padding and there are few programs to spread over the SMs:
+
+    - ``m <= 16``: 16-row tiles, 64 columns (twice the programs per expert), 4 warps;
+    - ``m <= 48``: 32-row tiles, 64 columns, 4 warps;
+    - otherwise the original tiles (64 x 128, 8 warps, 3 stages).
+
+    ``block_k`` stays 64 for bf16/fp16/fp32 (every output element sums the same 64-wide K
+    tiles in the same order in all three choices) and is 128 for FP8 (the launcher uses the
+    scales' own block; 128 for the usual 128x128 blocks).
+    ``hidden`` and ``inter`` are accepted so that a measured table can key on them later;
+    the current rules do not use them. These are starting points: ``python
+    benchmarks/moe_kernel_rate.py --sweep`` times :func:`candidate_configs` on the GPU.
+    """
+    del hidden, inter  # not used by the current rules
+    block_k = 128 if fp8 else 64
+    m = tokens * top_k / max(num_experts, 1)
+    if m <= 16:
+        return KernelConfig(16, 64, block_k, num_warps=4, num_stages=3 if fp8 else 4)
+    if m <= 48:
+        return KernelConfig(32, 64, block_k, num_warps=4, num_stages=3 if fp8 else 4)
+    return KernelConfig(64, 128, block_k, num_warps=8, num_stages=3)
+
+
+def candidate_configs(fp8: bool) -> list[KernelConfig]:
+    """A handful of valid configs to time (``benchmarks/moe_kernel_rate.py --sweep``):
+    every config :func:`pick_config` can return, then alternatives around them."""
+    bk = 128 if fp8 else 64
+    picks = [pick_config(tokens, 1, 1, 0, 0, fp8) for tokens in (1, 32, 1 << 20)]
+    extra = [KernelConfig(16, 128, bk, 4, 3), KernelConfig(32, 128, bk, 4, 3),
+             KernelConfig(64, 64, bk, 4, 3), KernelConfig(128, 128, bk, 8, 3),
+             KernelConfig(16, 64, bk, 4, 3 if not fp8 else 4)]
+    if not fp8:  # other K steps (another accumulation order, within bf16 tolerance)
+        extra += [KernelConfig(16, 64, 128, 4, 3), KernelConfig(64, 128, 32, 8, 4)]
+    out: list[KernelConfig] = []
+    for c in picks + extra:
+        if c not in out:
+            out.append(c)
+    return out
 
 
 def align_pairs_by_slot(topk_ids, slot_of_expert, num_slots: int, block_m: int):
@@ -195,14 +280,20 @@ def align_pairs_by_slot(topk_ids, slot_of_expert, num_slots: int, block_m: int):
 
 
 def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
-                      slot_of_expert, scales: BlockScales | None = None, block_m: int = 64,
-                      block_n: int = 128, block_k: int = 64):
+                      slot_of_expert, scales: BlockScales | None = None,
+                      config: KernelConfig | None = None):
     import triton
 
     from vllm_dwdp_kernels.triton.split_moe import down_kernel, gate_up_act_kernel
 
     _check(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv, slot_of_expert)
     fp8 = _check_fp8(w13_local, w2_local, w13_recv, w2_recv, scales)
+    if config is None:
+        config = pick_config(x.shape[0], topk_ids.shape[1],
+                             w13_local.shape[0] + w13_recv.shape[0], x.shape[1],
+                             w2_local.shape[2], fp8)
+    block_m, block_n, block_k = config.block_m, config.block_n, config.block_k
+    num_warps, num_stages = config.num_warps, config.num_stages
     if fp8:
         # One K tile is one activation quantisation group and one weight scale column.
         block_k = scales.block_k
@@ -242,16 +333,18 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
         if not w13_local.numel():  # as above: strides from the non-empty operand
             s13_l, s2_l = s13_r, s2_r
         scale_n = scales.block_n
+        ue8m0 = scales.ue8m0
     else:  # unused by the kernels (FP8=False): any valid pointers
         s13_l = s2_l = s13_r = s2_r = topk_weights
         scale_n = block_n
+        ue8m0 = False
     gate_up_act_kernel[(max_blocks, triton.cdiv(inter_size, block_n))](
         x, w13_local, w13_r, inter, sorted_pair, block_slot, s13_l, s13_r,
         H, inter_size, K, e_local,
         x.stride(0), w13_local.stride(0), w13_r.stride(0), w13_rows, inter.stride(0),
         s13_l.stride(0), s13_r.stride(0), s13_l.stride(-2) if fp8 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
-        FP8=fp8, SCALE_N=scale_n, num_warps=8, num_stages=3,
+        FP8=fp8, SCALE_N=scale_n, UE8M0=ue8m0, num_warps=num_warps, num_stages=num_stages,
     )
     out_pairs = torch.empty(T * K, H, dtype=torch.float32, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
@@ -261,6 +354,6 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
         inter.stride(0), w2_local.stride(0), w2_r.stride(0), w2_rows, out_pairs.stride(0),
         s2_l.stride(0), s2_r.stride(0), s2_l.stride(-2) if fp8 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
-        FP8=fp8, SCALE_N=scale_n, num_warps=8, num_stages=3,
+        FP8=fp8, SCALE_N=scale_n, UE8M0=ue8m0, num_warps=num_warps, num_stages=num_stages,
     )
     return out_pairs.view(T, K, H).sum(dim=1).to(x.dtype)

@@ -32,11 +32,16 @@ def _serve(args, extra: list[str]) -> int:
 
 
 def _plan(args) -> int:
-    from vllm_dwdp.planner import plan_report
+    from vllm_dwdp.planner import KernelRatesError, plan_report
 
-    print(plan_report(args.model, args.gpus, isl=args.isl, load_cv=args.load_cv,
-                      replication=args.replication, weight_bytes=args.weight_bytes,
-                      link_gbs=args.link_gbs, gemm_tflops=args.gemm_tflops))
+    try:
+        report = plan_report(args.model, args.gpus, isl=args.isl, load_cv=args.load_cv,
+                             replication=args.replication, weight_bytes=args.weight_bytes,
+                             link_gbs=args.link_gbs, gemm_tflops=args.gemm_tflops,
+                             kernel_rates=args.kernel_rates)
+    except KernelRatesError as e:
+        raise SystemExit(f"vllm-dwdp plan --kernel-rates: {e}") from None
+    print(report)
     return 0
 
 
@@ -58,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--weight-bytes", type=float, default=2.0, help="2 bf16, ~1.03 fp8")
     plan.add_argument("--link-gbs", type=float, default=planner.DEFAULT_LINK_GBS)
     plan.add_argument("--gemm-tflops", type=float, default=planner.DEFAULT_GEMM_TFLOPS)
+    plan.add_argument("--kernel-rates", metavar="JSON", default=None,
+                      help="MoE kernel rates measured by benchmarks/moe_kernel_rate.py: expert "
+                           "GEMMs at the rate of the nearest step size (bf16 rows for "
+                           "--weight-bytes >= 1.5, else fp8) instead of --gemm-tflops")
     plan.set_defaults(func=_plan)
     serve = sub.add_parser("serve", help="serve a model with DWDP, one engine per GPU")
     add_serve_args(serve)

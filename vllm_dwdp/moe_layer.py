@@ -265,7 +265,8 @@ class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
         if layer.dwdp_fp8_block is not None:  # block-FP8 experts: weights and their scales
             scales = BlockScales(layer.w13_weight_scale_inv, layer.w2_weight_scale_inv,
                                  recv["w13_weight_scale_inv"], recv["w2_weight_scale_inv"],
-                                 *layer.dwdp_fp8_block)
+                                 *layer.dwdp_fp8_block,
+                                 ue8m0=vllm_compat.fp8_activation_scales_ue8m0(x.device.type))
         out = split_moe(x, topk_weights, topk_ids, layer.w13_weight, layer.w2_weight,
                         recv["w13_weight"], recv["w2_weight"], layer.dwdp_slot_of_expert, scales)
         prefetcher.release(i)

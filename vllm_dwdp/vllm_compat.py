@@ -15,6 +15,9 @@ What is touched, why, and when it can go:
   False. Checked at start-up by :func:`routed_experts_class`.
 - The per-layer quant method's ``process_weights_after_loading`` is replaced on the instance,
   so DWDP layers keep the checkpoint layout its kernel reads (no backend repacking).
+- ``vllm.utils.deep_gemm.is_deep_gemm_e8m0_used`` (0.26 - 0.33): whether vLLM's per-token-group
+  FP8 quantiser rounds activation scales up to powers of two (UE8M0), as stock vLLM's
+  block-FP8 MoE then does; the split-weight kernel quantises the same way.
 """
 
 from __future__ import annotations
@@ -282,3 +285,17 @@ def wrap_process_weights_after_loading(layer, callback) -> None:
         callback(method)
 
     method.process_weights_after_loading = process_weights_after_loading
+
+
+@functools.cache
+def fp8_activation_scales_ue8m0(device_type: str) -> bool:
+    """Whether stock vLLM quantises block-FP8 MoE activations with power-of-two (UE8M0) scales
+    on this device: vLLM's per-token-group quantiser follows ``is_deep_gemm_e8m0_used()``
+    (on by default on Hopper and Blackwell, ``VLLM_USE_DEEP_GEMM_E8M0``)."""
+    if device_type != "cuda":
+        return False
+    try:
+        from vllm.utils.deep_gemm import is_deep_gemm_e8m0_used
+    except ImportError:
+        return False
+    return bool(is_deep_gemm_e8m0_used())

@@ -34,8 +34,25 @@ class FlexTensorConfig:
         0.95, "per-step decay of the routing counts that rank experts for the GPU cache "
         "(1: plain frequency, lower: favour recent routing)", within(0.0, 1.0),
     )
+    routed_reads: str = setting(
+        "copy", "decode steps on PCIe GPUs: copy (read the step's routing on the host, copy "
+        "the uncached routed experts into a GPU buffer) or in_place (the kernel reads them "
+        "from host memory over PCIe, no host sync); unified mode always reads in place",
+        one_of("copy", "in_place"),
+    )
+    cache_refresh_steps: int = setting(
+        32, "reading routed experts in place: forward passes between GPU expert-cache "
+        "refreshes (routing is counted on the GPU every step, read by the host once per "
+        "refresh; the hottest uncached experts then replace colder cached ones)", at_least(1),
+    )
     host_memory_headroom_gb: float = setting(
         4.0, "host memory left free when checking that the plan fits", at_least(0.0)
+    )
+    dense_prefetch_depth: int = setting(
+        1, "when the budget cannot hold every non-expert weight, the linears of some decoder "
+        "layers live in host memory and are copied this many layers ahead of the compute, "
+        "into a GPU ring of depth + 1 layer-sized buffers (more hides slower copies, costs "
+        "one more buffer)", at_least(1),
     )
 
 

@@ -1,10 +1,11 @@
 """Which experts of one MoE layer the GPU cache holds: a frequency-aware policy.
 
-Each expert has a score, its routing count decayed by ``decay`` every step, so it tracks
-what the router picks lately. After a step, an expert that had to be streamed takes the
-cache slot of the lowest-scoring cached expert the step did not use, if it now scores
-higher: hot experts settle in the cache and stop moving; a one-off pick does not evict a
-hot one. Pure host-side bookkeeping; the caller moves the bytes.
+Each expert has a score, its routing count decayed by ``decay`` at every update, so it
+tracks what the router picks lately. At an update (FlexTensor: every
+``cache_refresh_steps`` forward passes), uncached experts take the cache slots of the
+lowest-scoring cached experts not in use, if they now score clearly higher: hot experts
+settle in the cache and stop moving; a one-off pick does not evict a hot one. Pure
+host-side bookkeeping; the caller moves the bytes.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ class ExpertCachePolicy:
         hits = {e: self.slot_of[e] for e in experts if e in self.slot_of}
         return hits, [e for e in experts if e not in self.slot_of]
 
-    def admit(self, streamed: list[int], in_use: set[int]) -> list[tuple[int, int]]:
+    def admit(self, streamed: list[int], in_use: set[int], margin: float = 0.0,
+              limit: int | None = None) -> list[tuple[int, int]]:
         """Cache slots for streamed experts that now outscore a cached one.
 
         ``in_use``: experts the current step reads from the cache (not evicted under it).
-        Returns ``(expert, slot)`` moves; the caller copies the expert into the slot.
+        ``margin``: a candidate must score more than ``1 + margin`` times its victim, so
+        experts of near-equal heat do not swap back and forth; ``limit``: at most this many
+        moves. Returns ``(expert, slot)`` moves; the caller copies the expert into the slot.
         """
         if self.num_slots == 0:
             return []
@@ -49,7 +53,7 @@ class ExpertCachePolicy:
                          key=lambda s: self.score[self.expert_in[s]])
         for e, slot in zip(candidates, victims):
             old = self.expert_in[slot]
-            if self.score[e] <= self.score[old]:
+            if self.score[e] <= self.score[old] * (1.0 + margin) or len(moves) == limit:
                 break  # candidates only get colder and victims hotter from here
             del self.slot_of[old]
             self.slot_of[e] = slot

@@ -1,8 +1,9 @@
 """FlexTensor counters as Prometheus metrics, named the way vLLM names its own.
 
-They live in the worker process (see ``vllm_dwdp/metrics.py`` on multiprocess mode); in
-offline use ``llm.collective_rpc(vllm_flextensor.moe_layer.worker_stats)`` returns the same
-numbers with the plan.
+Routed experts are counted per MoE layer, streamed dense layers per decoder layer (label
+``layer``: ``model.layers.3``). They live in the worker process (see
+``vllm_dwdp/metrics.py`` on multiprocess mode); in offline use
+``llm.collective_rpc(vllm_flextensor.worker_stats)`` returns the same numbers with the plan.
 """
 
 from __future__ import annotations
@@ -24,21 +25,34 @@ WAIT_SECONDS = Counter("vllm:flextensor_compute_wait_seconds",
 ROUTING_SYNC_SECONDS = Counter("vllm:flextensor_routing_sync_seconds",
                                "Time the host waited for the router's picks", _LABELS)
 
+DENSE_BYTES_STREAMED = Counter("vllm:flextensor_dense_bytes_streamed",
+                               "Bytes of decoder-layer linear weights (attention, dense MLP, "
+                               "shared experts) moved from host memory to the GPU", _LABELS)
+DENSE_WAIT_SECONDS = Counter("vllm:flextensor_dense_wait_seconds",
+                             "Time the compute stood still for streamed decoder-layer weights",
+                             _LABELS)
+
 _FIELDS = (("bytes_streamed", BYTES_STREAMED, 1.0), ("cache_lookups", CACHE_LOOKUPS, 1.0),
            ("cache_hits", CACHE_HITS, 1.0), ("whole_layer_steps", WHOLE_LAYER_STREAMS, 1.0),
            ("wait_ms", WAIT_SECONDS, 1e-3), ("routing_sync_ms", ROUTING_SYNC_SECONDS, 1e-3))
+DENSE_FIELDS = (("bytes_streamed", DENSE_BYTES_STREAMED, 1.0),
+                ("wait_ms", DENSE_WAIT_SECONDS, 1e-3))
 
 
 class MetricsPublisher:
-    """Turns the runtime's running per-layer totals into Prometheus counter increments."""
+    """Turns the runtime's running per-layer totals into Prometheus counter increments.
 
-    def __init__(self):
+    ``fields``: (stats key, counter, scale) triples; the MoE layers' by default,
+    :data:`DENSE_FIELDS` for streamed decoder layers."""
+
+    def __init__(self, fields=_FIELDS):
+        self._fields = fields
         self._last: dict[str, dict[str, float]] = {}
 
     def publish(self, stats: list[dict]) -> None:
         for s in stats:
             prev = self._last.setdefault(s["layer"], {})
-            for key, counter, scale in _FIELDS:
+            for key, counter, scale in self._fields:
                 delta = s[key] - prev.get(key, 0)
                 if delta > 0:
                     counter.labels(s["layer"]).inc(delta * scale)

@@ -8,12 +8,19 @@ Follow one token (three files):
    loader writes every expert straight to its home (pinned, seen by the GPU through UVA):
    the experts are never all on the GPU. After loading, the placement plan
    (``planner.py``) sizes a GPU cache per layer, filled from host memory.
-2. per step, :meth:`FlexTensorRuntime.run_layer`: vLLM's router has picked ``topk_ids``;
-   experts the cache holds are read there, the others are streamed (``streaming.py``) into
-   a GPU stream buffer, and the split-weight kernel (``kernels/split_moe.py``) computes
-   over the cache and the buffer. A step whose tokens reach most experts streams whole
-   layers instead, one layer ahead, without waiting for the router.
-3. ``expert_cache.py`` decides which streamed experts replace colder cached ones.
+2. per step, :meth:`FlexTensorRuntime.run_layer`: vLLM's router has picked ``topk_ids``.
+   With few tokens (decode) only the routed experts move, one of two ways
+   (``routed_reads``): ``copy`` (PCIe GPUs' default) reads the routing on the host and has
+   the copy engine move the experts the cache lacks into a GPU stream buffer
+   (``streaming.py``); ``in_place`` (always in unified mode) lets the split-weight kernel
+   (``kernels/split_moe.py``) read them straight from their pinned host home through the
+   GPU's view of it, with no host sync. Cached experts are read from the GPU cache. A step
+   whose tokens reach most experts instead streams the layer's uncached experts whole,
+   one layer ahead, on a side stream into a GPU buffer the kernel reads.
+3. ``expert_cache.py`` ranks experts by routing frequency. Copying, each routed step
+   updates it and hot streamed experts take cache slots; reading in place, the GPU counts
+   routing and the host reads the counts once per ``cache_refresh_steps`` passes, then the
+   hottest uncached experts replace colder cached ones (copied on a side stream).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from vllm_flextensor.expert_cache import ExpertCachePolicy
 from vllm_flextensor.planner import (GiB, ModelWeights, OffloadPlan, plan_offload,
                                      whole_layer_min_tokens)
 from vllm_flextensor.streaming import ExpertStreamer, coalesce
+from vllm_dwdp.vllm_compat import fp8_activation_scales_ue8m0
 from vllm_dwdp_kernels.split_moe import BlockScales, split_moe
 
 log = vllm_compat.logger("flextensor")
@@ -38,16 +46,17 @@ log = vllm_compat.logger("flextensor")
 @dataclass
 class LayerStats:
     forwards: int = 0
-    expert_steps: int = 0           # steps that streamed only the routed experts
+    expert_steps: int = 0           # steps that read only the routed experts
     whole_layer_steps: int = 0      # steps that streamed the whole layer
     bytes_streamed: int = 0         # host -> GPU bytes (copied, or read in place)
+    bytes_copied: int = 0           # of which moved by side-stream copies (timed: stream_ms)
     experts_streamed: int = 0
     cache_lookups: int = 0          # routed experts looked up in the cache
     cache_hits: int = 0
     cache_admissions: int = 0       # streamed experts that took a cache slot
     stream_ms: float = 0.0          # copy time (side stream on CUDA)
     wait_ms: float = 0.0            # time the compute stood still for streamed experts
-    routing_sync_ms: float = 0.0    # time the host waited for the router's picks
+    routing_sync_ms: float = 0.0    # time the host waited for routing counts (cache refresh)
 
 
 class FlexTensorRuntime:
@@ -60,6 +69,9 @@ class FlexTensorRuntime:
         self.cfg = cfg
         self.device = device
         self.mode = vllm_compat.resolve_mode(cfg.mode, device)
+        # Decode steps: read uncached routed experts in place (unified memory always; on
+        # PCIe GPUs when asked), or copy them into a stream buffer after a routing sync.
+        self.reads_routed_in_place = self.mode == "unified" or cfg.routed_reads == "in_place"
         self.layers: list = []
         self.stats: list[LayerStats] = []
         self.plan: OffloadPlan | None = None
@@ -69,6 +81,8 @@ class FlexTensorRuntime:
         self.whole_layer_tokens = 0
         self.metrics = None
         self._progress = None
+        self._refresh_stream = None     # CUDA: cache refills overlap the first layers' compute
+        self._cache_ready: dict[int, torch.cuda.Event] = {}
 
     @classmethod
     def get(cls) -> FlexTensorRuntime | None:
@@ -101,9 +115,9 @@ class FlexTensorRuntime:
                            for t in first.flextensor_host.values())
         dense = vllm_compat.dense_weight_bytes(self.device)
         weights = ModelWeights(dense, len(self.layers), num_experts, expert_bytes, first.top_k)
-        plan = plan_offload(weights, int(self.cfg.gpu_budget_gb * GiB), self.mode,
-                            vllm_compat.host_available_bytes(),
-                            int(self.cfg.host_memory_headroom_gb * GiB))
+        # Host memory was checked by the front-end before loading; the experts live there
+        # now, so checking what is still free would count them twice.
+        plan = plan_offload(weights, int(self.cfg.gpu_budget_gb * GiB), self.mode)
         log.info("%s", plan.describe())
         self.whole_layer_tokens = whole_layer_min_tokens(
             num_experts, first.top_k, self.cfg.stream_whole_layer_at)
@@ -129,8 +143,12 @@ class FlexTensorRuntime:
             for n, t in host.items()}
         for n, t in layer.flextensor_cache.items():
             t.copy_(host[n][:slots])
-        layer.flextensor_policy = ExpertCachePolicy(layer.local_num_experts, slots,
-                                                    self.cfg.cache_decay)
+        # Reading in place, scores are updated once per refresh: decay them for all the steps
+        # in between; copying, every routed step updates them.
+        decay = self.cfg.cache_decay
+        if self.reads_routed_in_place:
+            decay **= self.cfg.cache_refresh_steps
+        layer.flextensor_policy = ExpertCachePolicy(layer.local_num_experts, slots, decay)
         E = layer.local_num_experts
         pin = self.device.type == "cuda"
         layer.flextensor_slot_host = torch.empty(E, dtype=torch.int32, pin_memory=pin)
@@ -138,7 +156,10 @@ class FlexTensorRuntime:
         layer.flextensor_whole_host = torch.empty(E, dtype=torch.int32, pin_memory=pin)
         layer.flextensor_whole_map = torch.empty(E, dtype=torch.int32, device=self.device)
         self._cache_changed(layer)
+        # Routing seen since the last refresh, kept on the GPU (no host sync per step):
+        # (token, expert) picks per expert, and routed-expert steps that read each expert.
         layer.flextensor_counts = torch.zeros(E, dtype=torch.int64, device=self.device)
+        layer.flextensor_touches = torch.zeros(E, dtype=torch.int64, device=self.device)
         self.loaded += 1
         if self._progress is not None:
             self._progress.update(1)
@@ -160,18 +181,22 @@ class FlexTensorRuntime:
         if slots >= E:  # the budget holds every expert: nothing moves, nothing waits
             return self._compute(layer, x, topk_weights, topk_ids, layer.flextensor_cache,
                                  layer.flextensor_cache, layer.flextensor_whole_map, slots)
+        ready = self._cache_ready.pop(i, None)
+        if ready is not None:  # this layer's cache was refilled on the side stream
+            torch.cuda.current_stream(self.device).wait_event(ready)
         whole = x.shape[0] >= self.whole_layer_tokens
         if whole:
             return self._run_whole_layer(layer, i, x, topk_weights, topk_ids)
-        return self._run_routed_experts(layer, i, x, topk_weights, topk_ids)
+        if self.reads_routed_in_place:
+            return self._read_routed_in_place(layer, i, x, topk_weights, topk_ids)
+        return self._copy_routed_experts(layer, i, x, topk_weights, topk_ids)
 
     def _run_whole_layer(self, layer, i, x, topk_weights, topk_ids):
         """Most experts are routed to: take every uncached expert of the layer, fetched one
         layer ahead, without reading the routing on the host."""
         st = self.stats[i]
         st.whole_layer_steps += 1
-        layer.flextensor_counts += torch.bincount(topk_ids.reshape(-1).long(),
-                                                  minlength=layer.local_num_experts)
+        self._count_routing(layer, topk_ids)
         if self.mode == "unified":  # the kernel reads uncached experts in place
             st.bytes_streamed += len(layer.flextensor_uncached) * self._expert_bytes(layer)
             st.experts_streamed += len(layer.flextensor_uncached)
@@ -210,39 +235,41 @@ class FlexTensorRuntime:
         layer.flextensor_whole_host.copy_(torch.tensor(m, dtype=torch.int32))
         layer.flextensor_whole_map.copy_(layer.flextensor_whole_host, non_blocking=True)
 
-    def _run_routed_experts(self, layer, i, x, topk_weights, topk_ids):
-        """Few experts are routed to: stream only those the cache does not hold."""
+    def _read_routed_in_place(self, layer, i, x, topk_weights, topk_ids):
+        """Few experts are routed to: the kernel reads each where it lives, cached experts
+        from the GPU cache and the others from their pinned host home through the GPU's
+        view of it (only the picked experts' bytes cross PCIe). Nothing waits on the host."""
+        self.stats[i].expert_steps += 1
+        self._count_routing(layer, topk_ids, touches=True)
+        return self._compute(layer, x, topk_weights, topk_ids, layer.flextensor_cache,
+                             layer.flextensor_host_view, layer.flextensor_whole_map,
+                             self.plan.cache_slots)
+
+    def _copy_routed_experts(self, layer, i, x, topk_weights, topk_ids):
+        """Few experts are routed to (``routed_reads: copy``): the host reads the step's
+        routing, the copy engine moves the experts the cache lacks into a stream buffer, and
+        hot ones take cache slots after the compute."""
         st = self.stats[i]
         st.expert_steps += 1
         policy: ExpertCachePolicy = layer.flextensor_policy
         t0 = time.perf_counter()
         ids, counts = torch.unique(topk_ids, return_counts=True)
         experts, counts = ids.tolist(), counts.tolist()  # host waits for the router here
-        folded = layer.flextensor_counts.tolist()
         st.routing_sync_ms += (time.perf_counter() - t0) * 1e3
-        if any(folded):  # routing seen by whole-layer steps since the last lookup
-            policy.record(list(range(len(folded))), folded)
-            layer.flextensor_counts.zero_()
         policy.record(experts, counts)
         hits, misses = policy.lookup(experts)
         st.cache_lookups += len(experts)
         st.cache_hits += len(hits)
         st.experts_streamed += len(misses)
         slots = self.plan.cache_slots
-        if self.mode == "unified":
-            source = layer.flextensor_host_view
-            positions = {e: e for e in misses}
-            st.bytes_streamed += len(misses) * self._expert_bytes(layer)
-            buf = None
-        else:
-            s = self.streamer
-            buf = i % len(s.buffers)
-            positions = {e: j for j, e in enumerate(misses)}
-            s.holds[buf] = None
-            if misses:
-                s.stream_runs(buf, layer.flextensor_host, coalesce(misses), st)
-                s.wait(buf)
-            source = s.buffers[buf]
+        s = self.streamer
+        buf = i % len(s.buffers)
+        positions = {e: j for j, e in enumerate(misses)}
+        s.holds[buf] = None
+        if misses:
+            s.stream_runs(buf, layer.flextensor_host, coalesce(misses), st)
+            s.wait(buf)
+        source = s.buffers[buf]
         slot_map = policy.slot_map(positions, slots)
         layer.flextensor_slot_host.copy_(torch.tensor(slot_map, dtype=torch.int32))
         layer.flextensor_slot_map.copy_(layer.flextensor_slot_host, non_blocking=True)
@@ -256,9 +283,80 @@ class FlexTensorRuntime:
         st.cache_admissions += len(moves)
         if moves:
             self._cache_changed(layer)
-        if buf is not None:
-            self.streamer.release(buf)
+        s.release(buf)
         return out
+
+    @staticmethod
+    def _count_routing(layer, topk_ids, touches: bool = False) -> None:
+        """GPU-side: add this step's picks per expert (and, for routed-expert steps, one
+        read per expert picked) to the layer's counters."""
+        picks = torch.bincount(topk_ids.reshape(-1).long(), minlength=layer.local_num_experts)
+        layer.flextensor_counts += picks
+        if touches:
+            layer.flextensor_touches += picks.clamp(max=1)
+
+    # ---- cache refresh (once per cache_refresh_steps forward passes) ---------------------
+    def _fold_routing(self) -> list[list[int]]:
+        """Read every layer's routing counters (one host sync), fold them into the cache
+        policy and the counters, zero them. Returns the picks per layer and expert."""
+        if not self.layers or self.plan is None or self.plan.offloads_nothing:
+            return []
+        t0 = time.perf_counter()
+        counts = torch.stack([l.flextensor_counts for l in self.layers]).tolist()
+        touches = torch.stack([l.flextensor_touches for l in self.layers]).tolist()
+        for layer in self.layers:
+            layer.flextensor_counts.zero_()
+            layer.flextensor_touches.zero_()
+        ms = (time.perf_counter() - t0) * 1e3
+        for layer, st, picks, reads in zip(self.layers, self.stats, counts, touches):
+            st.routing_sync_ms += ms / len(self.layers)
+            policy: ExpertCachePolicy = layer.flextensor_policy
+            cached = sum(n for e, n in enumerate(reads) if e in policy.slot_of)
+            missed = sum(reads) - cached
+            st.cache_lookups += sum(reads)
+            st.cache_hits += cached
+            st.experts_streamed += missed
+            st.bytes_streamed += missed * self._expert_bytes(layer)
+            if any(picks):
+                policy.record(list(range(len(picks))), picks)
+        return counts
+
+    def _refresh_caches(self) -> None:
+        """Hot uncached experts take the slots of colder cached ones. The copies run on a
+        side stream (CUDA) and each layer's compute waits for its own, so they overlap the
+        first layers of the next pass; on CPU they run in place."""
+        counts = self._fold_routing()
+        if not counts:
+            return
+        cuda = self.device.type == "cuda"
+        if cuda and self._refresh_stream is None:
+            self._refresh_stream = torch.cuda.Stream(device=self.device)
+        limit = max(1, self.plan.cache_slots // 4)  # bound the bytes one refresh moves
+        for i, layer in enumerate(self.layers):
+            policy: ExpertCachePolicy = layer.flextensor_policy
+            candidates = [e for e in range(layer.local_num_experts)
+                          if e not in policy.slot_of and policy.score[e] > 0]
+            moves = policy.admit(candidates, in_use=set(), margin=0.25, limit=limit)
+            if not moves:
+                continue
+            self.stats[i].cache_admissions += len(moves)
+            if cuda:
+                side = self._refresh_stream
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._copy_into_slots(layer, moves)
+                    ready = torch.cuda.Event()
+                    ready.record(side)
+                self._cache_ready[i] = ready
+            else:
+                self._copy_into_slots(layer, moves)
+            self._cache_changed(layer)
+
+    @staticmethod
+    def _copy_into_slots(layer, moves) -> None:
+        for e, slot in moves:
+            for n, t in layer.flextensor_cache.items():
+                t[slot].copy_(layer.flextensor_host[n][e], non_blocking=True)
 
     def _compute(self, layer, x, topk_weights, topk_ids, cache, streamed, slot_map, offset):
         if offset == 0:  # no cache slots: the streamed tensors are the first operand
@@ -267,7 +365,8 @@ class FlexTensorRuntime:
         if layer.flextensor_fp8_block is not None:
             scales = BlockScales(cache["w13_weight_scale_inv"], cache["w2_weight_scale_inv"],
                                  streamed["w13_weight_scale_inv"],
-                                 streamed["w2_weight_scale_inv"], *layer.flextensor_fp8_block)
+                                 streamed["w2_weight_scale_inv"], *layer.flextensor_fp8_block,
+                                 ue8m0=fp8_activation_scales_ue8m0(x.device.type))
         return split_moe(x, topk_weights, topk_ids, cache["w13_weight"], cache["w2_weight"],
                          streamed["w13_weight"], streamed["w2_weight"], slot_map, scales)
 
@@ -277,6 +376,8 @@ class FlexTensorRuntime:
 
     def _on_forward_start(self) -> None:
         self.forward_pass += 1
+        if self.forward_pass % self.cfg.cache_refresh_steps == 0:
+            self._refresh_caches()
         if self.metrics is None:
             from vllm_flextensor.metrics import MetricsPublisher
 
@@ -291,6 +392,7 @@ class FlexTensorRuntime:
                 for layer, st in zip(self.layers, self.stats)]
 
     def summary(self) -> dict:
+        self._fold_routing()  # off the forward path: counters up to the last step
         layers = self.layer_stats()
         totals = {k: sum(s[k] for s in layers) for k in asdict(LayerStats())}
         lookups = totals["cache_lookups"]

@@ -52,6 +52,7 @@ class ExpertStreamer:
         moved = sum(host[n][0].numel() * host[n].element_size() * c
                     for n in dst for _, _, c in runs)
         stats.bytes_streamed += moved
+        stats.bytes_copied += moved
         if not self.is_cuda:
             t0 = time.perf_counter()
             for name, d in dst.items():

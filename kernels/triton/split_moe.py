@@ -17,10 +17,15 @@ FP8_EPS = tl.constexpr(1e-10)
 
 
 @triton.jit
-def quantize_rows(a):
-    """Dynamic FP8 quantisation of a tile, one scale per row: (fp8 tile, float32 scales)."""
+def quantize_rows(a, UE8M0: tl.constexpr):
+    """Dynamic FP8 quantisation of a tile, one scale per row: (fp8 tile, float32 scales).
+
+    ``UE8M0``: the scale is rounded up to a power of two, as vLLM quantises activations
+    when DeepGEMM's E8M0 scale format is on (its default on Hopper and Blackwell)."""
     a = a.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(a), axis=1), FP8_EPS) / FP8_MAX
+    scale = tl.maximum(tl.max(tl.abs(a), axis=1), FP8_EPS) * (1.0 / FP8_MAX)
+    if UE8M0:
+        scale = tl.math.exp2(tl.ceil(tl.log2(scale)))
     q = tl.clamp(a / scale[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
     return q, scale
 
@@ -34,6 +39,7 @@ def gate_up_act_kernel(
     stride_sle, stride_sre, stride_sn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
+    UE8M0: tl.constexpr,
 ):
     """inter[row, n] = silu(x[tok] . W13[slot, n]) * (x[tok] . W13[slot, I + n])."""
     pid_m = tl.program_id(0)
@@ -66,7 +72,7 @@ def gate_up_act_kernel(
         wu = tl.load(w_ptr + (offs_n[:, None] + I).to(tl.int64) * stride_wn + kk[None, :],
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if FP8:
-            aq, a_s = quantize_rows(a)
+            aq, a_s = quantize_rows(a, UE8M0)
             kb = k0 // BLOCK_K
             sg = tl.load(s_ptr + (offs_n // SCALE_N) * stride_sn + kb, mask=mask_n, other=0.0)
             su = tl.load(s_ptr + ((offs_n + I) // SCALE_N) * stride_sn + kb, mask=mask_n,
@@ -94,6 +100,7 @@ def down_kernel(
     stride_sle, stride_sre, stride_sn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
+    UE8M0: tl.constexpr,
 ):
     """out[pair, n] = topk_weight[pair] * (inter[row] . W2[slot, n])."""
     pid_m = tl.program_id(0)
@@ -122,7 +129,7 @@ def down_kernel(
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if FP8:
-            aq, a_s = quantize_rows(a)
+            aq, a_s = quantize_rows(a, UE8M0)
             sw = tl.load(s_ptr + (offs_n // SCALE_N) * stride_sn + k0 // BLOCK_K, mask=mask_n,
                          other=0.0)
             acc += tl.dot(aq, tl.trans(w)) * a_s[:, None] * sw[None, :]

@@ -42,6 +42,51 @@ def run_engines_in_turn(specs: dict[str, dict], timeout: float = 900) -> dict[st
     return results
 
 
+def expert_homes_vs_checkpoint(worker, model_dir: str) -> dict:
+    """Worker-side: for every offloaded MoE layer, how far the experts' host homes are from
+    the checkpoint's tensors, and how far each GPU cache slot is from its expert's home
+    (both must be exactly 0: weights go from the checkpoint to their home unchanged)."""
+    import glob
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vllm_flextensor.moe_layer import FlexTensorRuntime
+
+    ckpt = {}
+    for f in sorted(glob.glob(f"{model_dir}/*.safetensors")):
+        ckpt.update(load_file(f))
+
+    def same(a, b) -> bool:
+        a, b = a.detach().cpu(), b.detach().cpu()
+        if a.dtype == torch.float8_e4m3fn:
+            return torch.equal(a.view(torch.uint8), b.to(a.dtype).view(torch.uint8))
+        return torch.equal(a, b.to(a.dtype))
+
+    report = {}
+    runtime = FlexTensorRuntime.get()
+    for layer in runtime.layers if runtime else []:
+        prefix = layer.layer_name
+        bad_home, bad_cache = [], []
+        for e in range(layer.local_num_experts):
+            want = {}
+            for suffix in ("weight", "weight_scale_inv"):
+                g = ckpt.get(f"{prefix}.{e}.gate_proj.{suffix}")
+                if g is None:
+                    continue
+                want[f"w13_{suffix}"] = torch.cat([g, ckpt[f"{prefix}.{e}.up_proj.{suffix}"]])
+                want[f"w2_{suffix}"] = ckpt[f"{prefix}.{e}.down_proj.{suffix}"]
+            if not want or any(not same(layer.flextensor_host[n][e], t) for n, t in want.items()):
+                bad_home.append(e)
+        for slot, e in enumerate(layer.flextensor_policy.expert_in):
+            if any(not same(layer.flextensor_cache[n][slot], layer.flextensor_host[n][e])
+                   for n in layer.flextensor_cache):
+                bad_cache.append((slot, e))
+        report[prefix] = {"experts_not_as_in_checkpoint": bad_home,
+                          "cache_slots_not_as_home": bad_cache}
+    return report
+
+
 def main() -> None:
     from tests.harness import run_engine
 
@@ -52,18 +97,21 @@ def main() -> None:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # rpc with a function
         from vllm import LLM
 
-        from vllm_flextensor.moe_layer import worker_stats
+        from vllm_flextensor import worker_stats
 
         generate = LLM.generate
 
         def generate_then_read_stats(self, *args, **kwargs):
             out = generate(self, *args, **kwargs)
             stats["after"] = self.collective_rpc(worker_stats)[0]
+            stats["homes"] = self.collective_rpc(expert_homes_vs_checkpoint,
+                                                 args=(spec["model"],))[0]
             return out
 
         LLM.generate = generate_then_read_stats
     result = run_engine.run(spec)
     result["flextensor_stats"] = stats.get("after")
+    result["flextensor_homes"] = stats.get("homes")
     Path(out_path).write_text(json.dumps(result))
 
 

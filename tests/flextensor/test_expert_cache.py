@@ -51,6 +51,14 @@ def test_experts_in_use_this_step_are_not_evicted():
     assert moves == [(2, 1)] and policy.slot_of == {0: 0, 2: 1}
 
 
+def test_margin_keeps_near_equal_experts_and_limit_bounds_moves():
+    policy = ExpertCachePolicy(num_experts=6, num_slots=2, decay=1.0)
+    policy.record([0, 1, 2, 3, 4, 5], [10, 10, 11, 30, 40, 50])  # 0, 1 cached
+    assert policy.admit([2], in_use=set(), margin=0.25) == []    # 11 vs 10: not worth a copy
+    moves = policy.admit([3, 4, 5], in_use=set(), margin=0.25, limit=1)
+    assert moves == [(5, 0)] and set(policy.slot_of) == {1, 5}  # hottest first, one move
+
+
 def test_slot_map_points_at_cache_or_stream_buffer():
     policy = ExpertCachePolicy(num_experts=5, num_slots=2)
     assert policy.slot_map({3: 0, 4: 1}, stream_offset=2) == [0, 1, -1, 2, 3]

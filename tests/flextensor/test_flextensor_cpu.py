@@ -29,7 +29,15 @@ def flex_spec(model, budget_bytes, **flex):
     return dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
                 additional_config={"flextensor": {
                     "enabled": True, "gpu_budget_gb": budget_bytes / GiB,
-                    "stream_whole_layer_at": 0.75, **flex}})
+                    "stream_whole_layer_at": 0.75, "cache_refresh_steps": 2, **flex}})
+
+
+def check_homes(result) -> None:
+    """Every expert's host home holds the checkpoint's bytes, every cache slot its expert's."""
+    homes = result["flextensor_homes"]
+    assert homes, "no offloaded MoE layer reported"
+    for layer, r in homes.items():
+        assert r == {"experts_not_as_in_checkpoint": [], "cache_slots_not_as_home": []}, layer
 
 
 def check_counters(stats, cache_slots, experts):
@@ -58,6 +66,7 @@ def test_offloaded_experts_match_stock(moe_checkpoint, kind, cache_slots, expert
     assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
     stats = results["flextensor"]["flextensor_stats"]
     check_counters(stats, cache_slots, experts)
+    check_homes(results["flextensor"])
     # Every streamed byte is a whole expert's (weights of one expert, fp32).
     expert_bytes = weights_of(model).expert_bytes
     assert stats["plan"]["expert_bytes"] == expert_bytes
@@ -101,6 +110,7 @@ def test_fp8_experts_move_in_checkpoint_dtype(moe_checkpoint):
                          names=("all_resident", "flextensor"), logprob_atol=2e-2)
     stats = results["flextensor"]["flextensor_stats"]
     check_counters(stats, 2, 8)
+    check_homes(results["flextensor"])
     assert stats["plan"]["expert_bytes"] == w.expert_bytes
     assert stats["totals"]["bytes_streamed"] == stats["totals"]["experts_streamed"] * w.expert_bytes
 

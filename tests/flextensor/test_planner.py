@@ -9,17 +9,22 @@ from pathlib import Path
 import pytest
 
 from vllm_flextensor.planner import (GiB, FlexTensorPlanError, ModelWeights,
-                                     budget_for_cache_slots, estimate_model_weights,
-                                     expected_distinct_experts, moe_layer_ids, plan_offload,
-                                     whole_layer_min_tokens)
+                                     budget_for_cache_slots, budget_for_dense_layers,
+                                     estimate_model_weights, expected_distinct_experts,
+                                     moe_layer_ids, plan_offload, whole_layer_min_tokens)
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERT_KEY = re.compile(r"\.mlp\.experts\.\d+\.")
+# What dense streaming moves: attention projections, dense MLP, shared expert (not biases).
+LINEAR_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|"
+                        r"mlp\.(shared_expert\.)?(gate|up|down)_proj)\.weight$")
 
 
-def checkpoint_bytes(path: str) -> tuple[int, int]:
-    """(non-expert bytes, routed-expert bytes) of a safetensors checkpoint, from its header."""
+def checkpoint_bytes(path: str) -> tuple[int, int, dict[int, int]]:
+    """(non-expert bytes, routed-expert bytes, streamable linear bytes per decoder layer) of
+    a safetensors checkpoint, from its header."""
     dense = experts = 0
+    linears: dict[int, int] = {}
     for f in Path(path).glob("*.safetensors"):
         raw = f.read_bytes()
         header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
@@ -29,19 +34,24 @@ def checkpoint_bytes(path: str) -> tuple[int, int]:
             a, b = meta["data_offsets"]
             if EXPERT_KEY.search(name):
                 experts += b - a
-            else:
-                dense += b - a
-    return dense, experts
+                continue
+            dense += b - a
+            m = LINEAR_KEY.match(name)
+            if m:
+                linears[int(m.group(1))] = linears.get(int(m.group(1)), 0) + b - a
+    return dense, experts, linears
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "qwen3"])
 def test_estimate_matches_the_checkpoint(moe_checkpoint, kind):
     path = moe_checkpoint(kind)
     cfg = json.loads((Path(path) / "config.json").read_text())
     w = estimate_model_weights(cfg, dtype_bytes=4)  # the tiny checkpoints are fp32
-    dense, experts = checkpoint_bytes(path)
+    dense, experts, linears = checkpoint_bytes(path)
     assert w.routed_bytes == experts
     assert w.dense_bytes == dense
+    assert w.decoder_linear_bytes == tuple(linears[i] for i in range(cfg["num_hidden_layers"]))
+    assert (w.moe_layers == 0) == (kind == "qwen3")
 
 
 def test_qwen3_30b_shape():
@@ -108,9 +118,101 @@ def test_host_memory_short_is_refused():
     plan_offload(W, budget, host_available_bytes=W.routed_bytes + 1, headroom_bytes=1)
 
 
-def test_model_without_experts_is_refused():
-    with pytest.raises(FlexTensorPlanError, match="has none"):
-        plan_offload(ModelWeights(1, 0, 0, 0, 1), 10)
+# ---- dense streaming ------------------------------------------------------------------------
+# 8 decoder layers of 3 MiB linears each, 4 MiB that always stays (embeddings, norms, ...).
+LAYERS = (3 << 20,) * 8
+WD = ModelWeights(dense_bytes=(4 << 20) + sum(LAYERS), moe_layers=8, experts_per_layer=8,
+                  expert_bytes=1 << 20, top_k=2, decoder_linear_bytes=LAYERS)
+DENSE = ModelWeights((4 << 20) + sum(LAYERS), 0, 0, 0, 1, decoder_linear_bytes=LAYERS)
+
+
+def test_experts_go_first_and_dense_layers_only_below_zero_cache_slots():
+    plan = plan_offload(WD, budget_for_cache_slots(WD, 0))
+    assert plan.cache_slots == 0 and plan.dense_layers == () and plan.dense_ring_bytes == 0
+    plan = plan_offload(WD, budget_for_cache_slots(WD, 0) - 1)
+    assert plan.dense_layers and plan.cache_slots == 0
+
+
+@pytest.mark.parametrize("weights", [WD, DENSE], ids=["moe", "dense"])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("layers", [4, 6, 8])
+def test_fewest_decoder_layers_are_streamed(weights, depth, layers):
+    budget = budget_for_dense_layers(weights, layers, depth)
+    plan = plan_offload(weights, budget, dense_prefetch_depth=depth)
+    assert len(plan.dense_layers) == layers and plan.dense_ring_slots == depth + 1
+    assert plan.gpu_bytes <= budget
+    assert plan.dense_slot_bytes == 3 << 20 and plan.dense_ring_bytes == (depth + 1) * (3 << 20)
+    assert plan.resident_dense_bytes == weights.dense_bytes - layers * (3 << 20)
+    buffers = 2 * weights.layer_bytes
+    assert plan.stream_bytes == buffers and plan.cache_slots == 0
+    assert plan.host_bytes == weights.routed_bytes + layers * (3 << 20)
+    if layers < 8:  # a byte less: one more layer
+        assert len(plan_offload(weights, budget - 1, dense_prefetch_depth=depth)
+                   .dense_layers) == layers + 1
+    text = plan.describe()
+    assert f"of {layers} of 8 decoder layers" in text
+    assert f"streamed {depth} layer" in text and f"ring of {depth + 1} GPU buffers" in text
+    assert ("routed experts: a cache of 0 of 8 experts" in text) == (weights is WD)
+
+
+def test_streamed_layers_are_spread_over_the_model():
+    """Equal layers: evenly spaced, so each copy hides behind the layers in between."""
+    plan = plan_offload(DENSE, budget_for_dense_layers(DENSE, 4))
+    assert plan.dense_layers == (0, 2, 4, 6)
+
+
+def test_largest_layers_are_streamed_first():
+    """DeepSeek-like: dense-MLP layers first, then attention-only MoE layers."""
+    sizes = (8 << 20, 8 << 20, 8 << 20) + (2 << 20,) * 5
+    w = ModelWeights((4 << 20) + sum(sizes), 0, 0, 0, 1, decoder_linear_bytes=sizes)
+    plan = plan_offload(w, w.dense_bytes - (8 << 20))
+    assert plan.dense_layers == (0, 1, 2) and plan.dense_slot_bytes == 8 << 20
+
+
+def test_dense_model_that_fits_offloads_nothing():
+    plan = plan_offload(DENSE, DENSE.dense_bytes)
+    assert plan.offloads_nothing and plan.host_bytes == 0 and plan.gpu_bytes == DENSE.dense_bytes
+    assert "nothing is offloaded" in plan.describe()
+
+
+@pytest.mark.parametrize("weights", [WD, DENSE], ids=["moe", "dense"])
+def test_budget_below_full_dense_streaming_says_what_to_raise_it_to(weights):
+    with pytest.raises(FlexTensorPlanError) as e:
+        plan_offload(weights, 8 << 20)
+    msg = str(e.value)
+    assert "additional_config.flextensor.gpu_budget_gb=" in msg
+    assert "even with the linear weights of all 8 decoder layers streamed" in msg
+    assert "dense_prefetch_depth=1" in msg
+    suggested = float(re.search(r"Raise gpu_budget_gb to at least ([\d.]+)", msg).group(1))
+    plan = plan_offload(weights, int(suggested * GiB))
+    assert len(plan.dense_layers) == 8
+
+
+def test_deep_prefetch_refusal_offers_a_shallower_ring():
+    budget = budget_for_dense_layers(DENSE, 8, depth=1)
+    with pytest.raises(FlexTensorPlanError) as e:
+        plan_offload(DENSE, budget, dense_prefetch_depth=3)
+    msg = str(e.value)
+    assert "lower additional_config.flextensor.dense_prefetch_depth=3 to 1" in msg
+    assert plan_offload(DENSE, budget, dense_prefetch_depth=1).dense_ring_slots == 2
+
+
+def test_model_without_streamable_layers_is_refused_as_before():
+    with pytest.raises(FlexTensorPlanError, match="no linear weights FlexTensor can stream"):
+        plan_offload(ModelWeights(100, 0, 0, 0, 1), 10)
+
+
+@pytest.mark.parametrize("weights", [WD, DENSE], ids=["moe", "dense"])
+def test_host_memory_short_of_streamed_layers_is_refused(weights):
+    budget = budget_for_dense_layers(weights, 4)
+    plan = plan_offload(weights, budget)
+    with pytest.raises(FlexTensorPlanError) as e:
+        plan_offload(weights, budget, host_available_bytes=plan.host_bytes, headroom_bytes=1)
+    msg = str(e.value)
+    assert "of host memory for the linear weights of 4 streamed decoder layers" in msg
+    assert ("for the routed experts' home" in msg) == (weights is WD)
+    assert "host_memory_headroom_gb" in msg and "gpu_budget_gb" in msg
+    plan_offload(weights, budget, host_available_bytes=plan.host_bytes + 1, headroom_bytes=1)
 
 
 def test_whole_layer_threshold():

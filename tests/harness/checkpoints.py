@@ -1,4 +1,4 @@
-"""Small random MoE checkpoints, written with transformers' ``save_pretrained``.
+"""Small random MoE (and dense) checkpoints, written with transformers' ``save_pretrained``.
 
 They go through vLLM's real checkpoint loader (safetensors), like a downloaded model would.
 A larger ``initializer_range`` than the default makes the next-token distribution peaked
@@ -27,14 +27,13 @@ COMMON = dict(
 
 
 def build_qwen3_moe(path: str | Path, *, num_layers: int = 3, num_experts: int = 8,
-                    top_k: int = 2, seed: int = 0) -> Path:
+                    top_k: int = 2, seed: int = 0, **shape) -> Path:
+    """``shape`` overrides config keys (``hidden_size=1024``...) for bigger layers."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(
-        **COMMON,
+        **{**COMMON, "intermediate_size": 256, "moe_intermediate_size": 64, **shape},
         num_hidden_layers=num_layers,
-        intermediate_size=256,
-        moe_intermediate_size=64,
         num_experts=num_experts,
         num_experts_per_tok=top_k,
         norm_topk_prob=True,
@@ -105,8 +104,48 @@ def build_qwen3_moe_fp8(path: str | Path, *, num_layers: int = 3, num_experts: i
     return path
 
 
+def build_qwen3(path: str | Path, *, num_layers: int = 3, seed: int = 0, **shape) -> Path:
+    """A dense Qwen3 (no experts): attention and a SiLU-gated MLP in every layer. ``shape``
+    overrides config keys (``hidden_size=1024``...) for tests that need bigger layers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**{**COMMON, "intermediate_size": 256, **shape},
+                      num_hidden_layers=num_layers)
+    return _save(Qwen3ForCausalLM, cfg, path, seed)
+
+
+def build_qwen3_fp8(path: str | Path, *, num_layers: int = 3, seed: int = 0, **shape) -> Path:
+    """Dense Qwen3 whose decoder-layer linears (attention, MLP) are block-scaled FP8 (128 x
+    128 blocks, ``weight_scale_inv``); embeddings, norms and lm_head stay bf16. Every linear
+    dimension is a multiple of 128."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_dwdp_kernels.split_moe import quantize_blocks_reference
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    shape = {"num_key_value_heads": 4, **shape}  # k and v 128 wide
+    build_qwen3(path, num_layers=num_layers, seed=seed, **shape)
+    linear = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+    for f in path.glob("*.safetensors"):
+        out = {}
+        for k, t in load_file(f).items():
+            if linear.match(k):
+                out[k], out[k + "_scale_inv"] = quantize_blocks_reference(t, 128, 128)
+            else:
+                out[k] = t.to(torch.bfloat16)
+        save_file(out, f, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config={
+        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
 BUILDERS = {"qwen3_moe": build_qwen3_moe, "qwen2_moe": build_qwen2_moe,
-            "qwen3_moe_fp8": build_qwen3_moe_fp8}
+            "qwen3_moe_fp8": build_qwen3_moe_fp8, "qwen3": build_qwen3,
+            "qwen3_fp8": build_qwen3_fp8}
 
 _WORDS = ("the of and to in is you that it he was for on are as with his they at be this "
           "from have or by one had not but what all were when we there can an your which their "

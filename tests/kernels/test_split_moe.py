@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_dwdp_kernels.split_moe import (BlockScales, align_pairs_by_slot, quantize_blocks_reference,
-                                          split_moe, split_moe_reference)
+from vllm_dwdp_kernels.split_moe import (BlockScales, KernelConfig, align_pairs_by_slot,
+                                          candidate_configs, pick_config,
+                                          quantize_blocks_reference,
+                                          quantize_groups_reference, split_moe,
+                                          split_moe_reference)
 
 
 def make_case(T, H, I, E, K, e_local, dtype, device, seed=0):
@@ -91,14 +94,26 @@ def test_triton_matches_reference(T, H, I, E, K, e_local, dtype, tol):
 
 
 # ---- block-scaled FP8 experts ---------------------------------------------------------------
-def make_fp8_case(T, H, I, E, K, e_local, device, seed=0, block=(128, 128)):
+def make_fp8_case(T, H, I, E, K, e_local, device, seed=0, block=(128, 128), ue8m0=False):
     """The bf16 case plus its block-FP8 version: (fp8 kwargs, bf16 kwargs)."""
     case, _ = make_case(T, H, I, E, K, e_local, torch.bfloat16, device, seed=seed)
     fp8, scales = dict(case), {}
     for name in ("w13_local", "w2_local", "w13_recv", "w2_recv"):
         fp8[name], scales[name] = quantize_blocks_reference(case[name], *block)
-    fp8["scales"] = BlockScales(**scales, block_n=block[0], block_k=block[1])
+    fp8["scales"] = BlockScales(**scales, block_n=block[0], block_k=block[1], ue8m0=ue8m0)
     return fp8, case
+
+
+def test_ue8m0_activation_scales_are_the_next_power_of_two():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(7, 300, generator=g) * torch.logspace(-3, 3, 7)[:, None]
+    q, plain = quantize_groups_reference(a, 128)
+    q2, pow2 = quantize_groups_reference(a, 128, ue8m0=True)
+    assert torch.equal(torch.exp2(torch.log2(pow2).round()), pow2)  # powers of two
+    assert (pow2 >= plain).all() and (pow2 < 2 * plain).all()       # the next one up
+    back = q2.float().view(7, -1) * pow2.repeat_interleave(128, 1)[:, :300]
+    assert ((back - a).norm() / a.norm()) < 0.1
+    assert not torch.equal(q.float(), q2.float())
 
 
 def test_block_quantization_round_trip():
@@ -141,10 +156,73 @@ def test_fp8_scales_of_wrong_shape_raise():
 @pytest.mark.parametrize("T, H, I, E, K, e_local", [(1, 256, 128, 8, 2, 4), (300, 512, 256, 16, 4, 5),
                                                      (2048, 2048, 768, 32, 8, 16), (77, 384, 256, 8, 2, 8),
                                                      (50, 200, 128, 6, 2, 0)])
-def test_triton_fp8_matches_reference(T, H, I, E, K, e_local):
-    fp8, _ = make_fp8_case(T, H, I, E, K, e_local, "cuda", seed=T)
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_triton_fp8_matches_reference(T, H, I, E, K, e_local, ue8m0):
+    fp8, _ = make_fp8_case(T, H, I, E, K, e_local, "cuda", seed=T, ue8m0=ue8m0)
     out = split_moe(**fp8)
     ref = split_moe_reference(**fp8)
     assert torch.isfinite(out).all()
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < 2e-2, f"relative error {err:.2e}"
+
+
+# ---- tile choice ----------------------------------------------------------------------------
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pick_config_is_valid_and_shrinks_for_few_rows_per_expert(fp8):
+    def cfg(tokens):
+        return pick_config(tokens, 8, 128, 2048, 768, fp8)
+
+    for tokens in (1, 8, 64, 512, 2048, 8192, 16384, 10 ** 6):
+        c = cfg(tokens)
+        assert c.block_m >= 16 and c.block_m & (c.block_m - 1) == 0
+        assert c.block_n >= 16 and c.block_k >= 16 and c.num_warps in (1, 2, 4, 8)
+        if fp8:  # one K tile = one scale column; N tiles must not straddle scale blocks
+            assert c.block_k == 128 and 128 % c.block_n == 0
+        else:
+            assert c.block_k == 64
+    assert cfg(1).block_m < cfg(16384).block_m
+    rows = [cfg(t).block_m for t in (1, 64, 512, 2048)]
+    assert rows == sorted(rows)  # never smaller tiles for more tokens
+    # Large steps keep the tiles the kernel always used.
+    assert cfg(16384) == KernelConfig(64, 128, 128 if fp8 else 64, 8, 3)
+    # Only rows per expert matter: twice the experts, twice the tokens, same tiles.
+    assert pick_config(512, 8, 64, 1, 1, fp8) == pick_config(1024, 8, 128, 1, 1, fp8)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_candidate_configs_are_distinct_and_valid(fp8):
+    cands = candidate_configs(fp8)
+    assert len(set(cands)) == len(cands) >= 4
+    for tokens in (1, 8, 64, 512, 2048, 8192, 16384):  # the sweep times what pick_config picks
+        assert pick_config(tokens, 8, 128, 2048, 768, fp8) in cands
+    for c in cands:
+        if fp8:
+            assert c.block_k == 128 and 128 % c.block_n == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_every_candidate_config_matches_reference(fp8):
+    if fp8:
+        case, _ = make_fp8_case(200, 512, 256, 16, 4, 7, "cuda", seed=5)
+    else:
+        case, _ = make_case(200, 512, 256, 16, 4, 7, torch.bfloat16, "cuda", seed=5)
+    ref = split_moe_reference(**case).float()
+    for c in candidate_configs(fp8):
+        out = split_moe(**case, config=c).float()
+        err = (out - ref).norm() / ref.norm()
+        assert err < 2e-2, f"{c}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_activation_quantisation_is_vllms(ue8m0):
+    """The reference quantises activations exactly as vLLM's per-token-group quantiser (which
+    stock vLLM's block-FP8 MoE uses), in both scale formats: same FP8 bytes, same scales."""
+    fp8_utils = pytest.importorskip("vllm.model_executor.layers.quantization.utils.fp8_utils")
+    g = torch.Generator(device="cuda").manual_seed(11)
+    a = (torch.randn(64, 512, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    q_vllm, s_vllm = fp8_utils.per_token_group_quant_fp8(a, 128, use_ue8m0=ue8m0)
+    q_ref, s_ref = quantize_groups_reference(a, 128, ue8m0=ue8m0)
+    assert torch.equal(s_vllm.float().view(64, -1), s_ref)
+    assert torch.equal(q_vllm.view(torch.uint8), q_ref.contiguous().view(torch.uint8))
