@@ -237,6 +237,7 @@ class DwdpRoutedExperts(RoutedExperts):
     def _dwdp_after_loading(self, inner_method) -> None:
         """Replaces the quant method's post-load step: keep the plain layout, go DWDP."""
         self.quant_method = DwdpExpertsMethod(inner_method, self)
+        vllm_compat.make_routed_experts_opaque(self, self.quant_method.compute_dwdp(self))
         self.dwdp_runtime.layer_loaded()
 
 
@@ -255,6 +256,16 @@ class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None,
               shared_experts_input=None):
+        return vllm_compat.routed_experts_outside_compile(layer, x, topk_weights, topk_ids)
+
+    @staticmethod
+    def compute_dwdp(layer):
+        """The layer's compute as ``f(x, topk_weights, topk_ids)``, for the opaque op."""
+        return lambda x, topk_weights, topk_ids: DwdpExpertsMethod._run(
+            layer, x, topk_weights, topk_ids)
+
+    @staticmethod
+    def _run(layer, x, topk_weights, topk_ids):
         runtime = layer.dwdp_runtime
         prefetcher = runtime.prefetcher
         i = layer.dwdp_index

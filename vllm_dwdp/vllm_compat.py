@@ -15,6 +15,11 @@ What is touched, why, and when it can go:
   False. Checked at start-up by :func:`routed_experts_class`.
 - The per-layer quant method's ``process_weights_after_loading`` is replaced on the instance,
   so DWDP layers keep the checkpoint layout its kernel reads (no backend repacking).
+- vLLM compiles the model with torch.compile and, in 0.26 - 0.33, traces into the routed
+  experts' ``quant_method.apply``. The plugins' compute is stateful Python (prefetch slots,
+  stream events, per-step counters, tile choice by token count) that a trace would freeze at
+  its first shapes, so :func:`routed_experts_outside_compile` hands it to the graph as one
+  opaque custom op (``vllm_dwdp::routed_experts``).
 - ``vllm.utils.deep_gemm.is_deep_gemm_e8m0_used`` (0.26 - 0.33): whether vLLM's per-token-group
   FP8 quantiser rounds activation scales up to powers of two (UE8M0), as stock vLLM's
   block-FP8 MoE then does; the split-weight kernel quantises the same way.
@@ -299,3 +304,43 @@ def fp8_activation_scales_ue8m0(device_type: str) -> bool:
     except ImportError:
         return False
     return bool(is_deep_gemm_e8m0_used())
+
+
+# ---- the routed-experts compute as one op torch.compile does not trace ----------------------
+_OPAQUE_COMPUTE: list[Callable] = []
+
+
+def make_routed_experts_opaque(layer, compute: Callable) -> None:
+    """Register ``compute(x, topk_weights, topk_ids) -> out`` as ``layer``'s routed-experts
+    compute behind the opaque op (once per layer, after loading, outside any trace)."""
+    _register_routed_experts_op()
+    layer.vllm_dwdp_compute_id = len(_OPAQUE_COMPUTE)
+    _OPAQUE_COMPUTE.append(compute)
+
+
+def routed_experts_outside_compile(layer, x, topk_weights, topk_ids):
+    """``layer``'s registered compute: called directly when eager, as the opaque op
+    ``vllm_dwdp::routed_experts`` while torch.compile traces (so the compiled graph calls
+    back into Python every step, with the step's real shapes and state)."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return torch.ops.vllm_dwdp.routed_experts(x, topk_weights, topk_ids,
+                                                  layer.vllm_dwdp_compute_id)
+    return _OPAQUE_COMPUTE[layer.vllm_dwdp_compute_id](x, topk_weights, topk_ids)
+
+
+@functools.cache
+def _register_routed_experts_op() -> None:
+    import torch
+
+    # Explicit schema: this module's annotations are strings (``from __future__``).
+    @torch.library.custom_op(
+        "vllm_dwdp::routed_experts", mutates_args=(),
+        schema="(Tensor x, Tensor topk_weights, Tensor topk_ids, int compute_id) -> Tensor")
+    def routed_experts(x, topk_weights, topk_ids, compute_id):
+        return _OPAQUE_COMPUTE[compute_id](x, topk_weights, topk_ids)
+
+    @routed_experts.register_fake
+    def _(x, topk_weights, topk_ids, compute_id):
+        return torch.empty_like(x)

@@ -37,7 +37,8 @@ from vllm_flextensor.expert_cache import ExpertCachePolicy
 from vllm_flextensor.planner import (GiB, ModelWeights, OffloadPlan, plan_offload,
                                      whole_layer_min_tokens)
 from vllm_flextensor.streaming import ExpertStreamer, coalesce
-from vllm_dwdp.vllm_compat import fp8_activation_scales_ue8m0
+from vllm_dwdp.vllm_compat import (fp8_activation_scales_ue8m0, make_routed_experts_opaque,
+                                   routed_experts_outside_compile)
 from vllm_dwdp_kernels.split_moe import BlockScales, split_moe
 
 log = vllm_compat.logger("flextensor")
@@ -466,7 +467,11 @@ def _move_experts_home(layer, device: torch.device) -> None:
 def _after_loading(layer, inner_method) -> None:
     """Replaces the quant method's post-load step: keep the checkpoint layout, go FlexTensor."""
     layer.quant_method = FlexTensorExpertsMethod(inner_method)
-    layer.flextensor_runtime.layer_loaded(layer)
+    runtime = layer.flextensor_runtime
+    make_routed_experts_opaque(
+        layer, lambda x, topk_weights, topk_ids: runtime.run_layer(layer, x, topk_weights,
+                                                                   topk_ids))
+    runtime.layer_loaded(layer)
 
 
 class FlexTensorExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
@@ -478,7 +483,7 @@ class FlexTensorExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None,
               shared_experts_input=None):
-        return layer.flextensor_runtime.run_layer(layer, x, topk_weights, topk_ids)
+        return routed_experts_outside_compile(layer, x, topk_weights, topk_ids)
 
 
 __all__ = ["init_offloaded_experts", "worker_stats", "FlexTensorRuntime"]

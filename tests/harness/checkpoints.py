@@ -68,10 +68,7 @@ def build_qwen3_moe_fp8(path: str | Path, *, num_layers: int = 3, num_experts: i
     """Qwen3-MoE whose routed experts are stored as block-scaled FP8 (128 x 128 blocks,
     ``weight_scale_inv``), the format of the Qwen3-*-FP8 and DeepSeek-V3 checkpoints.
     Everything else stays bf16 (listed in ``ignored_layers``)."""
-    from safetensors.torch import load_file, save_file
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    from vllm_dwdp_kernels.split_moe import quantize_blocks_reference
 
     path = Path(path)
     if (path / "config.json").exists():
@@ -83,16 +80,7 @@ def build_qwen3_moe_fp8(path: str | Path, *, num_layers: int = 3, num_experts: i
         decoder_sparse_step=1, mlp_only_layers=[],
     )
     _save(Qwen3MoeForCausalLM, cfg, path, seed)
-    expert = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
-    for f in path.glob("*.safetensors"):
-        tensors = load_file(f)
-        out = {}
-        for k, t in tensors.items():
-            if expert.search(k):
-                out[k], out[k + "_scale_inv"] = quantize_blocks_reference(t, 128, 128)
-            else:
-                out[k] = t.to(torch.bfloat16)
-        save_file(out, f, metadata={"format": "pt"})
+    _quantize_block_fp8(path, re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$"))
     config = json.loads((path / "config.json").read_text())
     ignored = [f"model.layers.{i}.{m}" for i in range(num_layers) for m in
                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -118,29 +106,34 @@ def build_qwen3_fp8(path: str | Path, *, num_layers: int = 3, seed: int = 0, **s
     """Dense Qwen3 whose decoder-layer linears (attention, MLP) are block-scaled FP8 (128 x
     128 blocks, ``weight_scale_inv``); embeddings, norms and lm_head stay bf16. Every linear
     dimension is a multiple of 128."""
-    from safetensors.torch import load_file, save_file
-
-    from vllm_dwdp_kernels.split_moe import quantize_blocks_reference
-
     path = Path(path)
     if (path / "config.json").exists():
         return path
     shape = {"num_key_value_heads": 4, **shape}  # k and v 128 wide
     build_qwen3(path, num_layers=num_layers, seed=seed, **shape)
-    linear = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
-    for f in path.glob("*.safetensors"):
-        out = {}
-        for k, t in load_file(f).items():
-            if linear.match(k):
-                out[k], out[k + "_scale_inv"] = quantize_blocks_reference(t, 128, 128)
-            else:
-                out[k] = t.to(torch.bfloat16)
-        save_file(out, f, metadata={"format": "pt"})
+    _quantize_block_fp8(path, re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$"))
     config = json.loads((path / "config.json").read_text())
     config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config={
         "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
+
+
+def _quantize_block_fp8(path: Path, weights: re.Pattern) -> None:
+    """Rewrite the checkpoint: tensors whose names match ``weights`` become block FP8
+    (128 x 128 blocks) with a ``weight_scale_inv`` beside them, everything else bf16."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_dwdp_kernels.split_moe import quantize_blocks_reference
+
+    for f in path.glob("*.safetensors"):
+        out = {}
+        for k, t in load_file(f).items():
+            if weights.search(k):
+                out[k], out[k + "_scale_inv"] = quantize_blocks_reference(t, 128, 128)
+            else:
+                out[k] = t.to(torch.bfloat16)
+        save_file(out, f, metadata={"format": "pt"})
 
 
 BUILDERS = {"qwen3_moe": build_qwen3_moe, "qwen2_moe": build_qwen2_moe,
