@@ -76,6 +76,24 @@ def test_offloaded_experts_match_stock(moe_checkpoint, kind, cache_slots, expert
     assert "FlexTensor: staging experts" in log
 
 
+def test_compiled_engine_matches_stock(moe_checkpoint):
+    """vLLM compiles the model and traces into the MoE layer's quant method: FlexTensor's
+    stateful compute must stay outside the trace (one opaque op), or a step of another size
+    than the traced one computes wrong. Both engines compile; 60-token prompt included."""
+    model = moe_checkpoint("qwen3_moe", num_experts=32)
+    budget = budget_for_cache_slots(weights_of(model), 4)
+    results = run_engines_in_turn({
+        "stock": dict(model=model, prompts=PROMPTS, max_tokens=4, logprobs=5,
+                      enforce_eager=False, env={"VLLM_PLUGINS": ""}),
+        "flextensor": dict(flex_spec(model, budget), max_tokens=4, enforce_eager=False,
+                           compile_on_cpu=True),
+    })
+    assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
+    log = Path(results["flextensor"]["log_path"]).read_text()
+    assert "Warming up model for the compilation" in log  # it did compile
+    assert results["flextensor"]["flextensor_stats"]["totals"]["whole_layer_steps"] > 0
+
+
 def test_unified_mode_reads_host_memory_in_place(moe_checkpoint):
     """mode=unified (chosen automatically on GH200 / GB10): no stream buffers, the kernel
     reads uncached experts where they live; tokens equal stock."""
