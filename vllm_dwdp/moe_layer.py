@@ -13,6 +13,7 @@ Follow one token through DWDP in three files:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import signal
@@ -237,7 +238,8 @@ class DwdpRoutedExperts(RoutedExperts):
     def _dwdp_after_loading(self, inner_method) -> None:
         """Replaces the quant method's post-load step: keep the plain layout, go DWDP."""
         self.quant_method = DwdpExpertsMethod(inner_method, self)
-        vllm_compat.make_routed_experts_opaque(self, self.quant_method.compute_dwdp(self))
+        vllm_compat.make_routed_experts_opaque(
+            self, functools.partial(DwdpExpertsMethod.compute, self))
         self.dwdp_runtime.layer_loaded()
 
 
@@ -259,13 +261,8 @@ class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
         return vllm_compat.routed_experts_outside_compile(layer, x, topk_weights, topk_ids)
 
     @staticmethod
-    def compute_dwdp(layer):
-        """The layer's compute as ``f(x, topk_weights, topk_ids)``, for the opaque op."""
-        return lambda x, topk_weights, topk_ids: DwdpExpertsMethod._run(
-            layer, x, topk_weights, topk_ids)
-
-    @staticmethod
-    def _run(layer, x, topk_weights, topk_ids):
+    def compute(layer, x, topk_weights, topk_ids):
+        """The routed experts of ``x``'s tokens, run by the opaque op (or directly)."""
         runtime = layer.dwdp_runtime
         prefetcher = runtime.prefetcher
         i = layer.dwdp_index

@@ -278,9 +278,7 @@ class FlexTensorRuntime:
                             layer.flextensor_slot_map, slots)
         # After the compute (same stream): hot streamed experts move into the cache.
         moves = policy.admit(misses, in_use=set(hits))
-        for e, slot in moves:
-            for n, t in layer.flextensor_cache.items():
-                t[slot].copy_(source[n][positions[e]], non_blocking=True)
+        self._copy_into_slots(layer, moves, source, positions)
         st.cache_admissions += len(moves)
         if moves:
             self._cache_changed(layer)
@@ -341,23 +339,26 @@ class FlexTensorRuntime:
             if not moves:
                 continue
             self.stats[i].cache_admissions += len(moves)
+            home_row = {e: e for e, _ in moves}
             if cuda:
                 side = self._refresh_stream
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
-                    self._copy_into_slots(layer, moves)
+                    self._copy_into_slots(layer, moves, layer.flextensor_host, home_row)
                     ready = torch.cuda.Event()
                     ready.record(side)
                 self._cache_ready[i] = ready
             else:
-                self._copy_into_slots(layer, moves)
+                self._copy_into_slots(layer, moves, layer.flextensor_host, home_row)
             self._cache_changed(layer)
 
     @staticmethod
-    def _copy_into_slots(layer, moves) -> None:
+    def _copy_into_slots(layer, moves, source, row_of) -> None:
+        """Each ``(expert, slot)`` move: the expert's row ``row_of[expert]`` of ``source``
+        (its host home, or a stream buffer) into its cache slot."""
         for e, slot in moves:
             for n, t in layer.flextensor_cache.items():
-                t[slot].copy_(layer.flextensor_host[n][e], non_blocking=True)
+                t[slot].copy_(source[n][row_of[e]], non_blocking=True)
 
     def _compute(self, layer, x, topk_weights, topk_ids, cache, streamed, slot_map, offset):
         if offset == 0:  # no cache slots: the streamed tensors are the first operand
