@@ -5,6 +5,9 @@ no tokenizer) with ``--off-gpu`` (default 75%) of its routed-expert bytes off th
 
 - ``flextensor``: ``additional_config.flextensor.gpu_budget_gb`` = all weights minus those bytes
   (experts cached by routing frequency, the rest streamed from pinned host memory);
+- ``flextensor_in_place``: the same plan with ``routed_reads: in_place`` (decode steps read
+  uncached routed experts from pinned host memory inside the kernel, no host sync);
+- ``flextensor_uva``: the same plan in ``mode: unified`` (every uncached expert read in place);
 - ``cpu_offload_gb``: stock vLLM, ``cpu_offload_gb`` = those bytes (UVA: the GPU reads the
   offloaded parameters over PCIe wherever its kernels touch them);
 - ``flextensor_lib``: NVIDIA's ``flextensor`` library (PyPI, not this repo) through its vLLM
@@ -93,6 +96,9 @@ def run_variant(spec: dict) -> dict:
     steps = spec["decode_steps"]
     for b in spec["decode_batches"]:
         # Fresh prompts for each call: prefix caching must not shorten the second prefill.
+        # Decode time = (prefill + 1 + steps tokens) - (prefill + 1 token): offloaded
+        # prefills read most experts and vary, so steps must be many (48 by default; with
+        # 16, --cpu-offload-gb's batch-1 decode came out 21 and 82 tokens/s on two runs).
         first = timed(prompts(b, spec["prompt_len"]), 1)  # prefill + first token
         total = timed(prompts(b, spec["prompt_len"]), 1 + steps)
         decode_s = max(total - first, 1e-9)
@@ -214,7 +220,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=24,
                    help="decoder layers of the 30B shape (48 = the full model; fewer start faster)")
     p.add_argument("--off-gpu", type=float, default=0.75, help="share of routed-expert bytes off the GPU")
-    p.add_argument("--variants", default="flextensor,cpu_offload_gb,flextensor_uva,flextensor_lib")
+    p.add_argument("--variants", default="flextensor,cpu_offload_gb,flextensor_in_place,flextensor_uva,flextensor_lib")
     p.add_argument("--decode-steps", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--compile", action="store_true", help="torch.compile (and CUDA graphs for stock)")
@@ -246,7 +252,7 @@ def main() -> int:
     budget_bytes = w.dense_bytes + w.routed_bytes - off_bytes
     common = dict(model=model, dtype=dtype, compile=args.compile, vocab_size=cfg["vocab_size"],
                   decode_batches=[1, 8, 64], prompt_len=32 if not args.tiny else 8,
-                  decode_steps=args.decode_steps or (16 if not args.tiny else 4),
+                  decode_steps=args.decode_steps or (48 if not args.tiny else 4),
                   prefill_batch=8 if not args.tiny else 2,
                   prefill_len=1024 if not args.tiny else 64,
                   max_model_len=2048 if not args.tiny else 256,
@@ -257,6 +263,11 @@ def main() -> int:
             "flextensor": {"enabled": True, "gpu_budget_gb": budget_bytes / GiB}}),
         "cpu_offload_gb": dict(common, engine_kwargs=dict(engine_kwargs,
                                                           cpu_offload_gb=off_bytes / GiB)),
+        # Same plan; decode steps read uncached routed experts over PCIe from the kernel
+        # (routed_reads: in_place, no host sync) instead of copying them after routing.
+        "flextensor_in_place": dict(common, engine_kwargs=engine_kwargs, additional_config={
+            "flextensor": {"enabled": True, "gpu_budget_gb": budget_bytes / GiB,
+                           "routed_reads": "in_place"}}),
         # Same plan, but the kernel reads uncached experts over PCIe in place (UVA) instead
         # of copying them into stream buffers: what `mode: unified` does on GH200 / GB10.
         "flextensor_uva": dict(common, engine_kwargs=engine_kwargs, additional_config={
@@ -390,6 +401,15 @@ def summarize(report: dict) -> None:
         s[f"{key}_tok_per_s"]["flextensor_lib"] = x
         s[f"{key}_lib_speedup_vs_cpu_offload_gb"] = x / c if x and c else None
         s[f"{key}_speedup_vs_flextensor_lib"] = a / x if a and x else None
+    # Every other variant that ran (e.g. flextensor_in_place): tokens/s and speedup.
+    for name, r in v.items():
+        if name in ("flextensor", "cpu_offload_gb", "flextensor_uva", "flextensor_lib"):
+            continue
+        for key, get in [(f"decode_bs{b}", lambda r, b=b: r.get("decode", {}).get(b, {}))
+                         for b in ("1", "8", "64")] + [("prefill", lambda r: r.get("prefill", {}))]:
+            x, c = get(r).get("tok_per_s"), get(stock).get("tok_per_s")
+            s[f"{key}_tok_per_s"][name] = x
+            s[f"{key}_{name}_speedup_vs_cpu_offload_gb"] = x / c if x and c else None
     counters = ours.get("flextensor_counters", {})
     stream = counters.get("stream_gb_per_s")
     h2d = report["h2d_pinned"].get("gb_per_s")

@@ -293,9 +293,11 @@ def build_weights(sm, shape: dict, dtype: str, device, seed: int) -> dict:
                  w2_recv=w2[half:].clone(), slot_of_expert=slots)
     if scales is not None:
         s13, s2 = scales
-        local["scales"] = sm.BlockScales(s13, s2, s13[:0], s2[:0], *FP8_BLOCK)
+        # Activation scales in the format vLLM is set to use here (VLLM_USE_DEEP_GEMM_E8M0).
+        ue8m0 = os.environ.get("VLLM_USE_DEEP_GEMM_E8M0") == "1"
+        local["scales"] = sm.BlockScales(s13, s2, s13[:0], s2[:0], *FP8_BLOCK, ue8m0=ue8m0)
         split["scales"] = sm.BlockScales(s13[:half], s2[:half], s13[half:].clone(),
-                                         s2[half:].clone(), *FP8_BLOCK)
+                                         s2[half:].clone(), *FP8_BLOCK, ue8m0=ue8m0)
     per_expert = 3 * H * I * (2 if dtype == "bf16" else 1)
     if scales is not None:
         per_expert += 4 * (scales[0][0].numel() + scales[1][0].numel())
@@ -561,8 +563,9 @@ def main(argv=None) -> int:
     else:
         shapes = [load_shape(m, MODELS[m]) for m in args.models]
 
-    # vLLM's block-FP8 activation scales: plain float scales as ours, not DeepGEMM's
-    # power-of-two (UE8M0) ones, so outputs compare; set VLLM_USE_DEEP_GEMM_E8M0 to override.
+    # vLLM's block-FP8 activation scales: plain float scales by default; with
+    # VLLM_USE_DEEP_GEMM_E8M0=1 (stock vLLM's default on Hopper) vLLM and ours both use
+    # power-of-two (UE8M0) ones.
     os.environ.setdefault("VLLM_USE_DEEP_GEMM_E8M0", "0")
     vmake, vversion, vnote = (None, None, "not run (--no-vllm)") if args.no_vllm \
         else vllm_fused_moe()

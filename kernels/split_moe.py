@@ -96,7 +96,7 @@ def quantize_groups_reference(a: torch.Tensor, group: int,
     M, K = a.shape
     pad = (-K) % group
     g = torch.nn.functional.pad(a.float(), (0, pad)).view(M, -1, group)
-    scale = g.abs().amax(-1).clamp(min=FP8_EPS) * (1.0 / FP8_MAX)
+    scale = g.abs().amax(-1).clamp(min=FP8_EPS) / FP8_MAX
     if ue8m0:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -157,14 +157,15 @@ def split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv
             w2 = _dequantize_blocks(w2, s2, scales.block_n, scales.block_k)
         h = (a @ w13.float().t()).to(x.dtype).float()  # gate/up in x.dtype, as the kernel
         inter = h.shape[1] // 2
-        act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        act = act.to(x.dtype).float()  # the kernel keeps the activation in x.dtype
+        # silu(gate) and silu(gate) * up each rounded to x.dtype, as vLLM's SiLU-and-mul
+        silu = torch.nn.functional.silu(h[:, :inter]).to(x.dtype).float()
+        act = (silu * h[:, inter:]).to(x.dtype).float()
         if fp8:
             act = _dequantize_groups(*quantize_groups_reference(act, scales.block_k,
                                                                 scales.ue8m0),
                                      scales.block_k)
         y = (act @ w2.float().t()) * flat_w[start:start + n, None]
-        out.index_add_(0, toks, y)
+        out.index_add_(0, toks, y.to(x.dtype).float())  # per-pair results in x.dtype, as the kernel
         start += n
     return out.to(x.dtype)
 
@@ -214,37 +215,51 @@ def pick_config(tokens: int, top_k: int, num_experts: int, hidden: int, inter: i
     rows to ``block_m``, so with few rows per expert (decode, small prefill chunks) a
     64-row tile mostly multiplies padding and there are few programs to spread over the SMs:
 
-    - ``m <= 16``: 16-row tiles, 64 columns (twice the programs per expert), 4 warps;
-    - ``m <= 48``: 32-row tiles, 64 columns, 4 warps;
-    - otherwise the original tiles (64 x 128, 8 warps, 3 stages).
+    - ``m <= 1`` (decode): 16-row tiles and narrow N tiles (bf16 32 columns, FP8 64), so
+      the few experts a step touches spread over more SMs; 4 warps, 4 stages;
+    - ``m <= 16``: 16-row tiles, 64 columns, 4 warps;
+    - ``m <= 48``: 64 x 64 tiles (bf16) or 64 x 128 (FP8), 4 warps;
+    - otherwise bf16 128 x 128 tiles with 8 warps and 4 stages, FP8 64 x 128, 8 warps, 3.
 
+    These are the best of :func:`candidate_configs` (or within 5% of it) at each step size
+    in ``benchmarks/results/moe_kernel_rate_h100.json`` (Qwen3-30B-A3B's experts on an H100;
+    ``python benchmarks/moe_kernel_rate.py --sweep`` measures them again).
     ``block_k`` stays 64 for bf16/fp16/fp32 (every output element sums the same 64-wide K
-    tiles in the same order in all three choices) and is 128 for FP8 (the launcher uses the
-    scales' own block; 128 for the usual 128x128 blocks).
+    tiles in the same order whatever the step size) and is 128 for FP8 (the launcher uses
+    the scales' own block; 128 for the usual 128x128 blocks; the gate/up kernel's N tile
+    is then that block too, one quantisation group of the down GEMM's activations).
     ``hidden`` and ``inter`` are accepted so that a measured table can key on them later;
-    the current rules do not use them. These are starting points: ``python
-    benchmarks/moe_kernel_rate.py --sweep`` times :func:`candidate_configs` on the GPU.
+    the current rules do not use them.
     """
     del hidden, inter  # not used by the current rules
     block_k = 128 if fp8 else 64
     m = tokens * top_k / max(num_experts, 1)
+    if m <= 1:
+        return KernelConfig(16, 64 if fp8 else 32, block_k, num_warps=4, num_stages=4)
     if m <= 16:
         return KernelConfig(16, 64, block_k, num_warps=4, num_stages=3 if fp8 else 4)
     if m <= 48:
-        return KernelConfig(32, 64, block_k, num_warps=4, num_stages=3 if fp8 else 4)
-    return KernelConfig(64, 128, block_k, num_warps=8, num_stages=3)
+        return KernelConfig(64, 128 if fp8 else 64, block_k, num_warps=4,
+                            num_stages=4 if fp8 else 3)
+    if fp8:
+        return KernelConfig(64, 128, block_k, num_warps=8, num_stages=3)
+    return KernelConfig(128, 128, block_k, num_warps=8, num_stages=4)
 
 
 def candidate_configs(fp8: bool) -> list[KernelConfig]:
-    """A handful of valid configs to time (``benchmarks/moe_kernel_rate.py --sweep``):
-    every config :func:`pick_config` can return, then alternatives around them."""
+    """Valid configs to time (``benchmarks/moe_kernel_rate.py --sweep``): every config
+    :func:`pick_config` can return, then alternatives around them (smaller N tiles for
+    more programs at few rows, larger M tiles and deeper pipelines for many rows)."""
     bk = 128 if fp8 else 64
-    picks = [pick_config(tokens, 1, 1, 0, 0, fp8) for tokens in (1, 32, 1 << 20)]
-    extra = [KernelConfig(16, 128, bk, 4, 3), KernelConfig(32, 128, bk, 4, 3),
-             KernelConfig(64, 64, bk, 4, 3), KernelConfig(128, 128, bk, 8, 3),
+    picks = [pick_config(tokens, 1, 1, 0, 0, fp8) for tokens in (1, 16, 48, 1 << 20)]
+    extra = [KernelConfig(16, 32, bk, 4, 4), KernelConfig(16, 128, bk, 4, 3),
+             KernelConfig(32, 128, bk, 4, 3), KernelConfig(64, 64, bk, 4, 3),
+             KernelConfig(64, 128, bk, 4, 4), KernelConfig(128, 64, bk, 4, 4),
+             KernelConfig(128, 128, bk, 8, 3), KernelConfig(128, 128, bk, 8, 4),
              KernelConfig(16, 64, bk, 4, 3 if not fp8 else 4)]
     if not fp8:  # other K steps (another accumulation order, within bf16 tolerance)
-        extra += [KernelConfig(16, 64, 128, 4, 3), KernelConfig(64, 128, 32, 8, 4)]
+        extra += [KernelConfig(16, 64, 128, 4, 3), KernelConfig(64, 128, 32, 8, 4),
+                  KernelConfig(128, 128, 32, 8, 4)]
     out: list[KernelConfig] = []
     for c in picks + extra:
         if c not in out:
@@ -253,16 +268,21 @@ def candidate_configs(fp8: bool) -> list[KernelConfig]:
 
 
 def align_pairs_by_slot(topk_ids, slot_of_expert, num_slots: int, block_m: int):
-    """Sort (token, k) pairs by weight slot, padding each slot's run to ``block_m`` rows.
+    """Group (token, k) pairs by weight slot, padding each slot's run to ``block_m`` rows
+    (pure torch: the reference of the Triton layout kernels, and the CPU path).
 
-    Returns ``sorted_pair`` [max_blocks * block_m] (pair index t*K+k, or -1 for padding) and
-    ``block_slot`` [max_blocks] (slot of each row block, -1 past the end). Sizes are upper
-    bounds known on the host, so nothing waits for the device.
+    Returns ``sorted_pair`` [max_blocks * block_m] (pair index t*K+k, or -1 for padding),
+    ``block_slot`` [max_blocks] (slot of each row block, -1 past the end) and
+    ``block_rows`` [max_blocks] (rows of the block that hold pairs). Pairs of a slot keep
+    their order here; the Triton layout may place them in any order. Sizes are upper bounds
+    known on the host, so nothing waits for the device.
     """
     device = topk_ids.device
     num_pairs = topk_ids.numel()
     slots = slot_of_expert.long()[topk_ids.reshape(-1).long()]
-    counts = torch.bincount(slots, minlength=num_slots)
+    # Not torch.bincount: on CUDA it reads the largest value back to the host.
+    counts = torch.zeros(num_slots, dtype=torch.long, device=device)
+    counts.index_add_(0, slots, torch.ones_like(slots))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
@@ -270,13 +290,118 @@ def align_pairs_by_slot(topk_ids, slot_of_expert, num_slots: int, block_m: int):
     sorted_slots = slots[order]
     first_of_slot = torch.cumsum(counts, 0) - counts
     dest = starts[sorted_slots] + torch.arange(num_pairs, device=device) - first_of_slot[sorted_slots]
-    max_blocks = (num_pairs + block_m - 1) // block_m + num_slots
+    max_blocks = _max_blocks(num_pairs, num_slots, block_m)
     sorted_pair = torch.full((max_blocks * block_m,), -1, dtype=torch.int32, device=device)
     sorted_pair[dest] = order.to(torch.int32)
     block_start = torch.arange(max_blocks, device=device) * block_m
     block_slot = torch.searchsorted(ends, block_start, right=True)
-    block_slot = torch.where(block_start < ends[-1], block_slot, -1).to(torch.int32)
-    return sorted_pair, block_slot
+    used = block_start < ends[-1]
+    block_slot = torch.where(used, block_slot, -1).to(torch.int32)
+    slot_start = starts[block_slot.clamp(min=0).long()]
+    rows = counts[block_slot.clamp(min=0).long()] - (block_start - slot_start)
+    block_rows = torch.where(used, rows.clamp(max=block_m), 0).to(torch.int32)
+    return sorted_pair, block_slot, block_rows
+
+
+def _max_blocks(num_pairs: int, num_slots: int, block_m: int) -> int:
+    """Row blocks any routing can need: every slot may end in a partial block."""
+    return (num_pairs + block_m - 1) // block_m + num_slots
+
+
+def align_pairs_by_slot_triton(topk_ids, slot_of_expert, num_slots: int, block_m: int):
+    """:func:`align_pairs_by_slot` on the GPU in three small kernels (one memset before),
+    without a host sync. Pairs of one slot land in any order; the layout is otherwise the
+    reference's. Rows past ``block_rows`` are left unwritten (the GEMMs mask them)."""
+    import triton
+
+    from vllm_dwdp_kernels.triton.split_moe import (count_pairs_kernel, place_pairs_kernel,
+                                                    plan_blocks_kernel)
+
+    device = topk_ids.device
+    ids = topk_ids.reshape(-1)
+    if ids.dtype not in (torch.int32, torch.int64):
+        ids = ids.to(torch.int32)
+    ids = ids.contiguous()
+    slot_of_expert = slot_of_expert.contiguous()
+    P, S = ids.numel(), num_slots
+    max_blocks = _max_blocks(P, S, block_m)
+    counts = torch.zeros(S, dtype=torch.int32, device=device)
+    cursor = torch.empty(S, dtype=torch.int32, device=device)
+    ends = torch.empty(S, dtype=torch.int32, device=device)
+    sorted_pair = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
+    block_slot = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    block_rows = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    bins = triton.next_power_of_2(S + 1)
+    block = 1024
+    count_pairs_kernel[(triton.cdiv(P, block),)](ids, slot_of_expert, counts, P, S,
+                                                 BLOCK=block, BINS=bins, num_warps=4)
+    plan_blocks_kernel[(1,)](counts, cursor, ends, S, BLOCK_M=block_m,
+                             S_POW2=triton.next_power_of_2(S), num_warps=4)
+    place_pairs_kernel[(triton.cdiv(max(P, max_blocks), block),)](
+        ids, slot_of_expert, cursor, ends, counts, sorted_pair, block_slot, block_rows,
+        P, S, max_blocks, BLOCK_M=block_m, BLOCK=block,
+        SEARCH_STEPS=max(1, S.bit_length()), num_warps=4)
+    return sorted_pair, block_slot, block_rows
+
+
+def quantize_groups(x: torch.Tensor, group: int, ue8m0: bool = False):
+    """:func:`quantize_groups_reference` as one Triton kernel (CUDA): (fp8 [T, H], float32
+    scales [T, ceil(H / group)])."""
+    import triton
+
+    from vllm_dwdp_kernels.triton.split_moe import quantize_groups_kernel
+
+    x = x.contiguous()
+    T, H = x.shape
+    q = torch.empty(T, H, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(T, triton.cdiv(H, group), dtype=torch.float32, device=x.device)
+    block_m = 16
+    if T:
+        quantize_groups_kernel[(triton.cdiv(T, block_m), s.shape[1])](
+            x, q, s, T, H, x.stride(0), q.stride(0), s.stride(0),
+            BLOCK_M=block_m, GROUP=group, UE8M0=ue8m0, num_warps=4)
+    return q, s
+
+
+def fit_shared_memory(config: KernelConfig, act_bytes: int, weight_bytes: int,
+                      limit: int) -> KernelConfig:
+    """``config`` with fewer pipeline stages, then fewer rows, until the gate/up kernel's
+    pipelined tiles (one activation tile and two weight tiles per stage) fit in ``limit``
+    bytes of shared memory: the tiles chosen for bf16 do not fit in fp32."""
+    from dataclasses import replace
+
+    def need(c):
+        return c.num_stages * (c.block_m * c.block_k * act_bytes
+                               + 2 * c.block_n * c.block_k * weight_bytes)
+
+    while need(config) > limit and config.num_stages > 2:
+        config = replace(config, num_stages=config.num_stages - 1)
+    while need(config) > limit and config.block_m > 16:
+        config = replace(config, block_m=config.block_m // 2)
+    return config
+
+
+_SMEM: dict = {}
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    """Shared memory one block may use on ``device`` (opt-in maximum), cached."""
+    if device not in _SMEM:
+        props = torch.cuda.get_device_properties(device)
+        _SMEM[device] = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return _SMEM[device]
+
+
+_TL_DTYPES = {}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    if not _TL_DTYPES:
+        import triton.language as tl
+
+        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16,
+                           torch.bfloat16: tl.bfloat16})
+    return _TL_DTYPES[dtype]
 
 
 def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, w2_recv,
@@ -292,14 +417,20 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
         config = pick_config(x.shape[0], topk_ids.shape[1],
                              w13_local.shape[0] + w13_recv.shape[0], x.shape[1],
                              w2_local.shape[2], fp8)
+    config = fit_shared_memory(config, x.element_size(), w13_local.element_size(),
+                               _shared_memory_limit(x.device))
     block_m, block_n, block_k = config.block_m, config.block_n, config.block_k
     num_warps, num_stages = config.num_warps, config.num_stages
+    gate_up_n = block_n
     if fp8:
-        # One K tile is one activation quantisation group and one weight scale column.
-        block_k = scales.block_k
+        # One K tile is one activation quantisation group and one weight scale column; the
+        # gate/up kernel's N tile is one group of the down GEMM's activations.
+        block_k = gate_up_n = scales.block_k
         block_n = min(block_n, scales.block_n)
-        if scales.block_n % block_n:
-            raise ValueError(f"FP8 block_n {scales.block_n} must be a multiple of {block_n}")
+        if scales.block_n % block_n or scales.block_n % gate_up_n:
+            raise ValueError(f"FP8 weight scale blocks of {scales.block_n}x{scales.block_k} "
+                             f"need N tiles dividing {scales.block_n}; got {block_n} and "
+                             f"{gate_up_n}")
     T, H = x.shape
     K = topk_ids.shape[1]
     inter_size = w2_local.shape[2]
@@ -311,9 +442,9 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
             raise ValueError("expert weights must be contiguous in their last dimension")
     # fp32 inputs get exact fp32 products (not tf32), to match vLLM's fp32 path.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    sorted_pair, block_slot = align_pairs_by_slot(topk_ids, slot_of_expert, num_slots, block_m)
+    sorted_pair, block_slot, block_rows = align_pairs_by_slot_triton(
+        topk_ids, slot_of_expert, num_slots, block_m)
     max_blocks = block_slot.numel()
-    inter = torch.empty(max_blocks * block_m, inter_size, dtype=x.dtype, device=x.device)
     # Empty receive buffers still need a valid pointer.
     w13_r = w13_recv if w13_recv.numel() else w13_local
     w2_r = w2_recv if w2_recv.numel() else w2_local
@@ -326,6 +457,7 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
         if w.numel() and w.stride(1) != rows:
             raise ValueError(f"{name} has row stride {w.stride(1)}, its pair {rows}: local and "
                              f"received experts must share one layout")
+    rows_total = max_blocks * block_m
     if fp8:
         s13_l, s2_l = scales.w13_local.contiguous(), scales.w2_local.contiguous()
         s13_r = scales.w13_recv.contiguous() if w13_recv.numel() else s13_l
@@ -333,27 +465,40 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
         if not w13_local.numel():  # as above: strides from the non-empty operand
             s13_l, s2_l = s13_r, s2_r
         scale_n = scales.block_n
-        ue8m0 = scales.ue8m0
+        a, a_s = quantize_groups(x, block_k, scales.ue8m0)
+        inter = torch.empty(rows_total, inter_size, dtype=torch.float8_e4m3fn, device=x.device)
+        inter_s = torch.empty(rows_total, triton.cdiv(inter_size, block_k), dtype=torch.float32,
+                              device=x.device)
     else:  # unused by the kernels (FP8=False): any valid pointers
         s13_l = s2_l = s13_r = s2_r = topk_weights
         scale_n = block_n
-        ue8m0 = False
-    gate_up_act_kernel[(max_blocks, triton.cdiv(inter_size, block_n))](
-        x, w13_local, w13_r, inter, sorted_pair, block_slot, s13_l, s13_r,
+        a, a_s = x, topk_weights
+        inter = torch.empty(rows_total, inter_size, dtype=x.dtype, device=x.device)
+        inter_s = topk_weights
+    ue8m0 = bool(fp8 and scales.ue8m0)
+    gate_up_act_kernel[(max_blocks, triton.cdiv(inter_size, gate_up_n))](
+        a, a_s, w13_local, w13_r, inter, inter_s, sorted_pair, block_slot, block_rows,
+        s13_l, s13_r,
         H, inter_size, K, e_local,
-        x.stride(0), w13_local.stride(0), w13_r.stride(0), w13_rows, inter.stride(0),
+        a.stride(0), a_s.stride(0) if fp8 else 0, w13_local.stride(0), w13_r.stride(0),
+        w13_rows, inter.stride(0), inter_s.stride(0) if fp8 else 0,
         s13_l.stride(0), s13_r.stride(0), s13_l.stride(-2) if fp8 else 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
-        FP8=fp8, SCALE_N=scale_n, UE8M0=ue8m0, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=gate_up_n, BLOCK_K=block_k, PRECISION=precision,
+        ACT_DTYPE=_tl_dtype(x.dtype), FP8=fp8, SCALE_N=scale_n, UE8M0=ue8m0,
+        num_warps=num_warps, num_stages=num_stages,
     )
-    out_pairs = torch.empty(T * K, H, dtype=torch.float32, device=x.device)
+    # Each (token, k) product, times its routing weight, rounded to x's dtype as vLLM
+    # rounds its per-pair outputs; then summed over k in float32.
+    out_pairs = torch.empty(T * K, H, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
     down_kernel[(max_blocks, triton.cdiv(H, block_n))](
-        inter, w2_local, w2_r, out_pairs, weights, sorted_pair, block_slot, s2_l, s2_r,
+        inter, inter_s, w2_local, w2_r, out_pairs, weights, sorted_pair, block_slot,
+        block_rows, s2_l, s2_r,
         H, inter_size, e_local,
-        inter.stride(0), w2_local.stride(0), w2_r.stride(0), w2_rows, out_pairs.stride(0),
+        inter.stride(0), inter_s.stride(0) if fp8 else 0, w2_local.stride(0), w2_r.stride(0),
+        w2_rows, out_pairs.stride(0),
         s2_l.stride(0), s2_r.stride(0), s2_l.stride(-2) if fp8 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
-        FP8=fp8, SCALE_N=scale_n, UE8M0=ue8m0, num_warps=num_warps, num_stages=num_stages,
+        FP8=fp8, SCALE_N=scale_n, num_warps=num_warps, num_stages=num_stages,
     )
-    return out_pairs.view(T, K, H).sum(dim=1).to(x.dtype)
+    return out_pairs.view(T, K, H).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -34,7 +34,8 @@ import torch
 from vllm_flextensor import vllm_compat
 from vllm_flextensor.config import FlexTensorConfig
 from vllm_flextensor.expert_cache import ExpertCachePolicy
-from vllm_flextensor.planner import (GiB, ModelWeights, OffloadPlan, plan_offload,
+from vllm_flextensor.planner import (GiB, ModelWeights, OffloadPlan,
+                                     plan_experts_beside_dense_streaming, plan_offload,
                                      whole_layer_min_tokens)
 from vllm_flextensor.streaming import ExpertStreamer, coalesce
 from vllm_dwdp.vllm_compat import (fp8_activation_scales_ue8m0, make_routed_experts_opaque,
@@ -118,7 +119,19 @@ class FlexTensorRuntime:
         weights = ModelWeights(dense, len(self.layers), num_experts, expert_bytes, first.top_k)
         # Host memory was checked by the front-end before loading; the experts live there
         # now, so checking what is still free would count them twice.
-        plan = plan_offload(weights, int(self.cfg.gpu_budget_gb * GiB), self.mode)
+        budget = int(self.cfg.gpu_budget_gb * GiB)
+        if vllm_compat.streams_dense_layers():
+            # Dense layers were planned before loading; `dense` counts what stays of them.
+            plan, over = plan_experts_beside_dense_streaming(weights, budget, self.mode)
+            if over:
+                log.warning(
+                    "FlexTensor: the non-expert weights measured on the GPU plus %d expert "
+                    "stream buffers exceed gpu_budget_gb by %.1f MiB (the dense plan was made "
+                    "from the model config's estimate); no expert is cached. Raise "
+                    "gpu_budget_gb by that much to stay within it",
+                    plan.stream_buffers, over / 2 ** 20)
+        else:
+            plan = plan_offload(weights, budget, self.mode)
         log.info("%s", plan.describe())
         self.whole_layer_tokens = whole_layer_min_tokens(
             num_experts, first.top_k, self.cfg.stream_whole_layer_at)
@@ -289,7 +302,11 @@ class FlexTensorRuntime:
     def _count_routing(layer, topk_ids, touches: bool = False) -> None:
         """GPU-side: add this step's picks per expert (and, for routed-expert steps, one
         read per expert picked) to the layer's counters."""
-        picks = torch.bincount(topk_ids.reshape(-1).long(), minlength=layer.local_num_experts)
+        ids = topk_ids.reshape(-1).long()
+        # index_add_, not torch.bincount: on CUDA bincount reads its input's range back to
+        # the host, a sync on every MoE layer.
+        picks = torch.zeros_like(layer.flextensor_counts).index_add_(
+            0, ids, torch.ones_like(ids, dtype=layer.flextensor_counts.dtype))
         layer.flextensor_counts += picks
         if touches:
             layer.flextensor_touches += picks.clamp(max=1)

@@ -220,6 +220,21 @@ def plan_offload(weights: ModelWeights, budget_bytes: int, mode: str = "copy",
     return plan
 
 
+def plan_experts_beside_dense_streaming(weights: ModelWeights, budget_bytes: int,
+                                        mode: str) -> tuple[OffloadPlan, int]:
+    """The routed experts' plan once dense layers are already streamed (decided before
+    loading, from the config's estimate): ``weights.dense_bytes`` is what the GPU holds
+    after that (measured on CUDA). Never re-plans the dense layers: the experts get the
+    stream buffers and as many cache slots as the rest of the budget pays for (none if
+    nothing is left). Returns ``(plan, over)``: ``over`` is how many bytes the measured
+    non-expert weights plus the buffers exceed the budget by (0 normally; a few MiB where
+    the measurement exceeds the estimate), for the caller to report."""
+    buffers = expert_stream_buffers(weights, mode)
+    spare = budget_bytes - weights.dense_bytes - buffers * weights.layer_bytes
+    plan = OffloadPlan(weights, budget_bytes, mode, _cache_slots(weights, spare), buffers)
+    return plan, max(0, -spare)
+
+
 def expert_stream_buffers(weights: ModelWeights, mode: str) -> int:
     """Layer-sized GPU buffers routed experts are copied into: two in copy mode, none when
     the GPU reads host memory in place (unified) or the model has no routed experts."""

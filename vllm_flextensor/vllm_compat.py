@@ -125,6 +125,15 @@ def host_available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def streams_dense_layers() -> bool:
+    """Whether this engine streams the linears of some decoder layers (planned before
+    loading)."""
+    from vllm_flextensor.dense_streaming import DenseStreaming
+
+    dense = DenseStreaming.get()
+    return dense is not None and bool(dense.plan.dense_layers)
+
+
 def dense_weight_bytes(device) -> int:
     """GPU bytes of everything but routed experts, once the model is built and loaded.
 

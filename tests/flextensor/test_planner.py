@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vllm_flextensor.planner import (GiB, FlexTensorPlanError, ModelWeights,
+                                     plan_experts_beside_dense_streaming,
                                      budget_for_cache_slots, budget_for_dense_layers,
                                      estimate_model_weights, expected_distinct_experts,
                                      moe_layer_ids, plan_offload, whole_layer_min_tokens)
@@ -222,3 +223,21 @@ def test_whole_layer_threshold():
     assert expected_distinct_experts(t, 128, 8) >= 64 > expected_distinct_experts(t - 1, 128, 8)
     assert whole_layer_min_tokens(8, 2, 0.75) == 5
     assert whole_layer_min_tokens(8, 2, 0.0) == 0
+
+
+def test_experts_beside_streamed_dense_layers_never_replan_them():
+    """Once dense layers stream (planned from the config's estimate), the experts' plan
+    takes the measured non-expert bytes as they are: cache slots from what is left, none
+    and the overshoot reported where the measurement exceeds the budget (on CUDA, a few
+    MiB of buffers the estimate does not know)."""
+    layer = W.layer_bytes
+    roomy = W.dense_bytes + 2 * layer + 3 * W.moe_layers * W.expert_bytes + 5
+    plan, over = plan_experts_beside_dense_streaming(W, roomy, "copy")
+    assert (plan.cache_slots, plan.stream_buffers, plan.dense_layers, over) == (3, 2, (), 0)
+    short = W.dense_bytes + 2 * layer - (3 << 20)
+    plan, over = plan_experts_beside_dense_streaming(W, short, "copy")
+    assert (plan.cache_slots, plan.stream_buffers, over) == (0, 2, 3 << 20)
+    with pytest.raises(FlexTensorPlanError):  # what the general planner does with it
+        plan_offload(W, short, "copy")
+    plan, over = plan_experts_beside_dense_streaming(W, W.dense_bytes, "unified")
+    assert (plan.stream_buffers, over) == (0, 0)  # unified mode reads in place: no buffers
