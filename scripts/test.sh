@@ -7,7 +7,8 @@ VENV="$(bash "$ROOT/scripts/cpu-env.sh")"
 if [ -f "$ROOT/scripts/ci-system-deps.sh" ]; then bash "$ROOT/scripts/ci-system-deps.sh"; fi
 cd "$ROOT"
 set +e
-"$VENV/bin/python" -m pytest "$@"
+# --durations: CI logs name the slowest tests (engine start-ups dominate the suite's time).
+"$VENV/bin/python" -m pytest --durations=25 "$@"
 rc=$?
 set -e
 # pytest exit 5 means no test was collected: that is a failure of the suite, say so.

@@ -34,6 +34,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPU(s), found {have}"))
 
 
+def pytest_sessionfinish(session, exitstatus):
+    from tests.harness import pool
+
+    pool.stop()  # an engine still running (an interrupted run) does not outlive the session
+
+
 @pytest.fixture(scope="session")
 def moe_checkpoint(tmp_path_factory):
     """``moe_checkpoint("qwen3_moe")`` -> path of a small random checkpoint (built once)."""

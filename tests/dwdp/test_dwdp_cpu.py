@@ -2,7 +2,8 @@
 
 Each rank is its own `vllm.LLM` in its own process, storing part of every MoE layer's
 experts and pulling the rest from its peer's memory; stock vLLM runs the same checkpoint in
-a third process. Greedy tokens must be equal and logprobs close.
+a third process (once per session: tests/harness/pool.py shares it with the other files that
+compare against it). Greedy tokens must be equal and logprobs close.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import time
 
 import pytest
 
-from tests.harness.equality import (assert_outputs_equal, kill_engine, run_engines,
-                                    start_engine, wait_engine)
+from tests.harness import pool
+from tests.harness.equality import (PROMPTS, assert_outputs_equal, kill_engine, one_rank_spec,
+                                    run_engines, start_engine, stock_spec, wait_engine)
 
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 160))]
 _ports = itertools.count(29700 + (os.getpid() % 500) * 4)
 
 
@@ -45,12 +46,11 @@ def stay_until_both_done(tmp_path, rank: int) -> dict:
 def test_two_ranks_match_stock(moe_checkpoint, kind, dwdp, tmp_path):
     model = moe_checkpoint(kind)
     port = next(_ports)
+    stock = pool.submit(stock_spec(model), name="stock")  # beside the ranks, if not run yet
     results = run_engines({
-        "stock": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
-                      env={"VLLM_PLUGINS": ""}),
-        **{f"rank{r}": dict(dwdp_spec(model, r, 2, port, **dwdp), dwdp_stats=True,
-                            **stay_until_both_done(tmp_path, r)) for r in (0, 1)},
-    })
+        f"rank{r}": dict(dwdp_spec(model, r, 2, port, **dwdp), dwdp_stats=True,
+                         **stay_until_both_done(tmp_path, r)) for r in (0, 1)})
+    results["stock"] = pool.result(stock)
     for rank in ("rank0", "rank1"):
         assert_outputs_equal(results["stock"], results[rank], names=("stock", rank))
         stats = results[rank]["dwdp_stats_after"]
@@ -115,12 +115,12 @@ def test_fp8_experts_split_over_ranks_match_one_rank(moe_checkpoint, tmp_path):
     model = moe_checkpoint("qwen3_moe_fp8")
     port = next(_ports)
     owners = [0, 1, 1, 0, 1, 0, 0, 1]
+    one_rank = pool.submit(one_rank_spec(model), name="one_rank")
     results = run_engines({
-        "one_rank": dict(dwdp_spec(model, 0, 1, port + 50), dtype="bfloat16"),
-        **{f"rank{r}": dict(dwdp_spec(model, r, 2, port, expert_owners=owners),
-                            dtype="bfloat16", dwdp_stats=True, **stay_until_both_done(tmp_path, r))
-           for r in (0, 1)},
-    })
+        f"rank{r}": dict(dwdp_spec(model, r, 2, port, expert_owners=owners),
+                         dtype="bfloat16", dwdp_stats=True, **stay_until_both_done(tmp_path, r))
+        for r in (0, 1)})
+    results["one_rank"] = pool.result(one_rank)
     for rank in ("rank0", "rank1"):
         assert_outputs_equal(results["one_rank"], results[rank], names=("one_rank", rank),
                              logprob_atol=2e-2)

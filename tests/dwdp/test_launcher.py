@@ -14,6 +14,7 @@ import pytest
 
 from examples.ask import complete, wait_ready
 from examples.tiny_moe import main as build_tiny_moe
+from tests.harness import pool
 from tests.harness.equality import run_engines
 from tests.harness.results import record_result
 
@@ -24,8 +25,12 @@ PROMPTS = [[48, 106, 7, 2, 100, 110], [5, 6, 7, 8, 9, 10, 11, 12, 13]]
 def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
     model = str(tmp_path / "tiny-moe")
     build_tiny_moe(model)
-    stock = run_engines({"stock": dict(model=model, prompts=PROMPTS, max_tokens=8, text=True,
-                                       device=device, env={"VLLM_PLUGINS": ""})})["stock"]
+    stock_spec = dict(model=model, prompts=PROMPTS, max_tokens=8, text=True, device=device,
+                      env={"VLLM_PLUGINS": ""})
+    if device == "cpu":  # stock vLLM starts now, beside the launcher's engines
+        stock_run = pool.submit(stock_spec, name="stock")
+    else:  # one GPU: the stock engine first, alone
+        stock = run_engines({"stock": stock_spec})["stock"]
     port = 18000 + os.getpid() % 1000 * 12
     args = [sys.executable, "-m", "vllm_dwdp.cli", "serve", model, "--port", str(port),
             "--master-port", str(port + 10), "--max-model-len", "256", "--enforce-eager"]
@@ -67,6 +72,8 @@ def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
             rc = "hung"
         log.close()
     launcher_log = (tmp_path / "launcher.log").read_text()
+    if device == "cpu":
+        stock = pool.result(stock_run)
     for (rank, i), text in answers.items():
         assert text == stock["outputs"][i]["text"], (
             f"rank {rank} prompt {i}: {text!r} != stock {stock['outputs'][i]['text']!r}")

@@ -2,7 +2,9 @@
 and counters read through ``llm.collective_rpc`` after generating.
 
 ``python -m tests.flextensor.engines SPEC.json OUT.json``; :func:`run_engines_in_turn` runs
-specs one after another, each in its own process (a 2-core CI machine runs one at a time).
+specs each in its own process: CUDA ones one after another (they share one GPU), CPU ones
+through the session's engine pool (:mod:`tests.harness.pool`: two at a time, a spec already
+run in this session not run again).
 """
 
 from __future__ import annotations
@@ -14,11 +16,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.harness import pool
 from tests.harness.equality import REPO
+
+RUNNER = "tests.flextensor.engines"
+
+
+def runner_for(spec: dict) -> str:
+    """This module for FlexTensor engines (their counters) and compiled plugin engines; the
+    shared harness's runner for the rest, so a stock reference is the same run everywhere."""
+    flex = spec.get("additional_config", {}).get("flextensor", {}).get("enabled")
+    return RUNNER if flex or spec.get("compile_on_cpu") else pool.RUN_ENGINE
 
 
 def run_engines_in_turn(specs: dict[str, dict], timeout: float = 900) -> dict[str, dict]:
-    """Each spec in its own process, in order; results by name (with ``log_path``)."""
+    """Each spec in its own process; results by name (with ``log_path``). CUDA specs one after
+    another, in order; CPU specs through the session's engine pool."""
+    if all(spec.get("device", "cpu") == "cpu" for spec in specs.values()):
+        return pool.run(specs, runner_for, timeout)
     workdir = Path(tempfile.mkdtemp(prefix="vllm-flextensor-eq-"))
     results = {}
     env = dict(os.environ)

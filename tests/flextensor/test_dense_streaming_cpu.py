@@ -2,7 +2,8 @@
 non-expert weights, so the linears (attention, dense MLP) of some decoder layers live in
 host memory and pass through the GPU ring, a layer or two ahead. On CPU the copies are
 synchronous but follow the CUDA schedule (same ring, same slots, same order). Stock vLLM
-runs the same checkpoint in its own process: greedy tokens equal, logprobs close.
+runs the same checkpoint in its own process: greedy tokens equal, logprobs close. The
+module's engines start, two at a time, when its first test starts (``engines`` below).
 """
 
 from __future__ import annotations
@@ -11,12 +12,39 @@ from pathlib import Path
 
 import pytest
 
-from tests.flextensor.engines import run_engines_in_turn
+from tests.flextensor.engines import run_engines_in_turn, runner_for
 from tests.flextensor.test_flextensor_cpu import PROMPTS, flex_spec, weights_of
-from tests.harness.equality import assert_outputs_equal
+from tests.harness import pool
+from tests.harness.equality import assert_outputs_equal, stock_spec
 from vllm_dwdp.plugin_config import PluginConfigError
 from vllm_flextensor.config import parse_flextensor_config
 from vllm_flextensor.planner import GiB, budget_for_dense_layers
+
+
+def streamed_specs(moe_checkpoint, kind, layers, depth, **_):
+    model = moe_checkpoint(kind, num_layers=6)
+    budget = budget_for_dense_layers(weights_of(model), layers, depth)
+    return {"stock": stock_spec(model),
+            "flextensor": flex_spec(model, budget, dense_prefetch_depth=depth)}
+
+
+def too_small_specs(moe_checkpoint, **_):
+    model = moe_checkpoint("qwen3", num_layers=6)
+    too_small = budget_for_dense_layers(weights_of(model), 6, 1) - 1
+    return {"too_small": dict(model=model, prompts=PROMPTS, max_tokens=2, additional_config={
+        "flextensor": {"enabled": True, "gpu_budget_gb": too_small / GiB}})}
+
+
+@pytest.fixture(scope="module")
+def engines(request, moe_checkpoint):
+    """Start the engines of every selected test of this module, two at a time, in test order;
+    wait for them all before the next module."""
+    futures = pool.prefetch(request, {
+        "test_streamed_dense_layers_match_stock": streamed_specs,
+        "test_budget_below_full_dense_streaming_stops_before_loading": too_small_specs,
+    }, runner_for, 900, moe_checkpoint=moe_checkpoint)
+    yield
+    pool.wait(futures)
 
 
 @pytest.mark.parametrize("kind, layers, depth, streamed", [
@@ -25,15 +53,11 @@ from vllm_flextensor.planner import GiB, budget_for_dense_layers
     # a dense model; a ring of 3 for 5 layers: the slots rotate from one pass to the next
     ("qwen3", 5, 2, [0, 1, 2, 3, 4]),
 ])
-def test_streamed_dense_layers_match_stock(moe_checkpoint, kind, layers, depth, streamed):
+def test_streamed_dense_layers_match_stock(moe_checkpoint, engines, kind, layers, depth,
+                                           streamed):
     model = moe_checkpoint(kind, num_layers=6)
     w = weights_of(model)
-    budget = budget_for_dense_layers(w, layers, depth)
-    results = run_engines_in_turn({
-        "stock": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
-                      env={"VLLM_PLUGINS": ""}),
-        "flextensor": flex_spec(model, budget, dense_prefetch_depth=depth),
-    })
+    results = run_engines_in_turn(streamed_specs(moe_checkpoint, kind, layers, depth))
     assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
     stats = results["flextensor"]["flextensor_stats"]
     dense = stats["dense"]
@@ -63,14 +87,9 @@ def test_streamed_dense_layers_match_stock(moe_checkpoint, kind, layers, depth, 
         assert "plan" not in stats  # no MoE layer, no expert runtime
 
 
-def test_budget_below_full_dense_streaming_stops_before_loading(moe_checkpoint):
-    model = moe_checkpoint("qwen3", num_layers=6)
-    w = weights_of(model)
-    too_small = budget_for_dense_layers(w, 6, 1) - 1
-    spec = dict(model=model, prompts=PROMPTS, max_tokens=2, additional_config={"flextensor": {
-        "enabled": True, "gpu_budget_gb": too_small / GiB}})
+def test_budget_below_full_dense_streaming_stops_before_loading(moe_checkpoint, engines):
     with pytest.raises(RuntimeError) as e:
-        run_engines_in_turn({"too_small": spec}, timeout=300)
+        run_engines_in_turn(too_small_specs(moe_checkpoint), timeout=300)
     msg = str(e.value)
     assert "FlexTensorPlanError" in msg
     assert "even with the linear weights of all 6 decoder layers streamed" in msg

@@ -2,6 +2,10 @@
 offload. Placement, the expert cache and both streaming paths run as on CUDA; only the
 bandwidth is not real. Stock vLLM runs the same checkpoint in its own process: greedy tokens
 must be equal and logprobs close.
+
+The module's engines start, two at a time, when its first test starts (``engines`` below,
+through tests/harness/pool.py); each test then checks its own. A stock reference already run
+this session (by the DWDP tests) is not run again.
 """
 
 from __future__ import annotations
@@ -11,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.flextensor.engines import run_engines_in_turn
-from tests.harness.equality import assert_outputs_equal
+from tests.flextensor.engines import run_engines_in_turn, runner_for
+from tests.harness import pool
+from tests.harness.equality import PROMPTS, assert_outputs_equal, one_rank_spec, stock_spec
 from vllm_flextensor.planner import GiB, budget_for_cache_slots, estimate_model_weights
 
-# Decode steps carry 3 tokens (routed to ~4.6 of 8 experts, below 75%): only the routed
-# experts move. The prefill step (71 tokens) reaches every expert: whole layers move.
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 160))]
+# PROMPTS: decode steps carry 3 tokens (routed to ~4.6 of 8 experts, below 75%): only the
+# routed experts move. The prefill step (71 tokens) reaches every expert: whole layers move.
 
 
 def weights_of(model: str, dtype_bytes: int = 4):
@@ -51,18 +55,66 @@ def check_counters(stats, cache_slots, experts):
     assert all(s["forwards"] > 0 for s in stats["layers"])
 
 
+# Each test's engines, by the spec builders below; the module fixture starts them all.
+
+
+def offloaded_specs(moe_checkpoint, kind, cache_slots, **_):
+    model = moe_checkpoint(kind)
+    budget = budget_for_cache_slots(weights_of(model), cache_slots)
+    return {"stock": stock_spec(model), "flextensor": flex_spec(model, budget)}
+
+
+def compiled_specs(moe_checkpoint, **_):
+    model = moe_checkpoint("qwen3_moe", num_experts=32)
+    budget = budget_for_cache_slots(weights_of(model), 4)
+    return {"stock": dict(model=model, prompts=PROMPTS, max_tokens=4, logprobs=5,
+                          enforce_eager=False, env={"VLLM_PLUGINS": ""}),
+            "flextensor": dict(flex_spec(model, budget), max_tokens=4, enforce_eager=False,
+                               compile_on_cpu=True)}
+
+
+def unified_specs(moe_checkpoint, **_):
+    model = moe_checkpoint("qwen3_moe")
+    budget = budget_for_cache_slots(weights_of(model), 3, mode="unified")
+    return {"stock": stock_spec(model), "unified": flex_spec(model, budget, mode="unified")}
+
+
+def fp8_specs(moe_checkpoint, **_):
+    model = moe_checkpoint("qwen3_moe_fp8")
+    w = weights_of(model, dtype_bytes=2)
+    return {"all_resident": one_rank_spec(model),
+            "flextensor": dict(flex_spec(model, budget_for_cache_slots(w, 2)), dtype="bfloat16")}
+
+
+def no_fit_specs(moe_checkpoint, flex, **_):
+    model = moe_checkpoint("qwen3_moe")
+    flex = {"gpu_budget_gb": budget_for_cache_slots(weights_of(model), 2) / GiB, **flex}
+    return {"too_small": dict(model=model, prompts=PROMPTS, max_tokens=2,
+                              additional_config={"flextensor": {"enabled": True, **flex}})}
+
+
+@pytest.fixture(scope="module")
+def engines(request, moe_checkpoint):
+    """Start the engines of every selected test of this module, two at a time, in test order;
+    wait for them all before the next module."""
+    futures = pool.prefetch(request, {
+        "test_offloaded_experts_match_stock": offloaded_specs,
+        "test_compiled_engine_matches_stock": compiled_specs,
+        "test_unified_mode_reads_host_memory_in_place": unified_specs,
+        "test_fp8_experts_move_in_checkpoint_dtype": fp8_specs,
+        "test_plan_that_cannot_fit_stops_before_loading": no_fit_specs,
+    }, runner_for, 900, moe_checkpoint=moe_checkpoint)
+    yield
+    pool.wait(futures)
+
+
 @pytest.mark.parametrize("kind, cache_slots, experts", [
     ("qwen3_moe", 2, 8),
     ("qwen2_moe", 1, 6),   # with a shared expert (run by vLLM itself, resident)
 ])
-def test_offloaded_experts_match_stock(moe_checkpoint, kind, cache_slots, experts):
+def test_offloaded_experts_match_stock(moe_checkpoint, engines, kind, cache_slots, experts):
     model = moe_checkpoint(kind)
-    budget = budget_for_cache_slots(weights_of(model), cache_slots)
-    results = run_engines_in_turn({
-        "stock": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
-                      env={"VLLM_PLUGINS": ""}),
-        "flextensor": flex_spec(model, budget),
-    })
+    results = run_engines_in_turn(offloaded_specs(moe_checkpoint, kind, cache_slots))
     assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
     stats = results["flextensor"]["flextensor_stats"]
     check_counters(stats, cache_slots, experts)
@@ -76,54 +128,35 @@ def test_offloaded_experts_match_stock(moe_checkpoint, kind, cache_slots, expert
     assert "FlexTensor: staging experts" in log
 
 
-def test_compiled_engine_matches_stock(moe_checkpoint):
+def test_compiled_engine_matches_stock(moe_checkpoint, engines):
     """vLLM compiles the model and traces into the MoE layer's quant method: FlexTensor's
     stateful compute must stay outside the trace (one opaque op), or a step of another size
     than the traced one computes wrong. Both engines compile; 60-token prompt included."""
-    model = moe_checkpoint("qwen3_moe", num_experts=32)
-    budget = budget_for_cache_slots(weights_of(model), 4)
-    results = run_engines_in_turn({
-        "stock": dict(model=model, prompts=PROMPTS, max_tokens=4, logprobs=5,
-                      enforce_eager=False, env={"VLLM_PLUGINS": ""}),
-        "flextensor": dict(flex_spec(model, budget), max_tokens=4, enforce_eager=False,
-                           compile_on_cpu=True),
-    })
+    results = run_engines_in_turn(compiled_specs(moe_checkpoint))
     assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
     log = Path(results["flextensor"]["log_path"]).read_text()
     assert "Warming up model for the compilation" in log  # it did compile
     assert results["flextensor"]["flextensor_stats"]["totals"]["whole_layer_steps"] > 0
 
 
-def test_unified_mode_reads_host_memory_in_place(moe_checkpoint):
+def test_unified_mode_reads_host_memory_in_place(moe_checkpoint, engines):
     """mode=unified (chosen automatically on GH200 / GB10): no stream buffers, the kernel
     reads uncached experts where they live; tokens equal stock."""
-    model = moe_checkpoint("qwen3_moe")
-    w = weights_of(model)
-    budget = budget_for_cache_slots(w, 3, mode="unified")
-    results = run_engines_in_turn({
-        "stock": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
-                      env={"VLLM_PLUGINS": ""}),
-        "unified": flex_spec(model, budget, mode="unified"),
-    })
+    results = run_engines_in_turn(unified_specs(moe_checkpoint))
     assert_outputs_equal(results["stock"], results["unified"], names=("stock", "unified"))
     stats = results["unified"]["flextensor_stats"]
     assert stats["mode"] == "unified" and stats["plan"]["stream_buffer_gib"] == 0
     check_counters(stats, 3, 8)
 
 
-def test_fp8_experts_move_in_checkpoint_dtype(moe_checkpoint):
+def test_fp8_experts_move_in_checkpoint_dtype(moe_checkpoint, engines):
     """Block-FP8 experts: weights (1 byte) and their float32 block scales are stored and
     streamed as the checkpoint has them. Stock vLLM has no FP8 MoE kernel on CPU, so the
     reference is one DWDP rank holding every expert (same kernel, nothing offloaded)."""
     model = moe_checkpoint("qwen3_moe_fp8")
     w = weights_of(model, dtype_bytes=2)
     assert w.expert_bytes == 3 * 128 * 256 + 4 * (2 * 2 * 1 + 1 * 2)  # fp8 weights + scales
-    results = run_engines_in_turn({
-        "all_resident": dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
-                             dtype="bfloat16",
-                             additional_config={"dwdp": {"enabled": True, "world_size": 1}}),
-        "flextensor": dict(flex_spec(model, budget_for_cache_slots(w, 2)), dtype="bfloat16"),
-    })
+    results = run_engines_in_turn(fp8_specs(moe_checkpoint))
     assert_outputs_equal(results["all_resident"], results["flextensor"],
                          names=("all_resident", "flextensor"), logprob_atol=2e-2)
     stats = results["flextensor"]["flextensor_stats"]
@@ -138,13 +171,9 @@ def test_fp8_experts_move_in_checkpoint_dtype(moe_checkpoint):
     # a budget that fits, but host memory (with this headroom) cannot hold the experts
     ({"host_memory_headroom_gb": 1e6}, "of host memory for the routed"),
 ])
-def test_plan_that_cannot_fit_stops_before_loading(moe_checkpoint, flex, message):
-    model = moe_checkpoint("qwen3_moe")
-    flex = {"gpu_budget_gb": budget_for_cache_slots(weights_of(model), 2) / GiB, **flex}
-    spec = dict(model=model, prompts=PROMPTS, max_tokens=2,
-                additional_config={"flextensor": {"enabled": True, **flex}})
+def test_plan_that_cannot_fit_stops_before_loading(moe_checkpoint, engines, flex, message):
     with pytest.raises(RuntimeError) as e:
-        run_engines_in_turn({"too_small": spec}, timeout=300)
+        run_engines_in_turn(no_fit_specs(moe_checkpoint, flex), timeout=300)
     assert message in str(e.value)
     assert "FlexTensorPlanError" in str(e.value)
     assert "Loading weights" not in str(e.value) and "Model loading took" not in str(e.value)

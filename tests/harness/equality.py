@@ -12,9 +12,38 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+# The prompts of the CPU equality tests, one list for all of them, so that the stock reference
+# of a checkpoint is one spec, run once a session (tests/harness/pool.py). The 60-token prompt
+# reaches every expert at prefill; decode steps carry 3 tokens.
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 160))]
 
-def start_engine(spec: dict, workdir: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
-    """Start ``run_engine`` in a child process; returns (process, output path, log path)."""
+
+def stock_spec(model: str) -> dict:
+    """Stock vLLM (no plugin loaded) on :data:`PROMPTS`: 8 greedy tokens, top-5 logprobs; the
+    reference of the CPU equality tests.
+
+    Its engine core and worker run inside the engine's own process (one torch thread, as
+    vLLM's CPU worker uses by default): one vLLM import instead of three, 20 s instead of 45
+    on the 2-core CI machine, and the same tokens and logprobs, bit for bit, as the default
+    three-process engine. The plugin engines compared with it keep vLLM's default processes.
+    """
+    return dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5,
+                env={"VLLM_PLUGINS": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                     "OMP_NUM_THREADS": "1"},
+                engine_kwargs={"distributed_executor_backend": "uni"})
+
+
+def one_rank_spec(model: str) -> dict:
+    """One DWDP rank holding every expert, in bf16: the reference of the FP8 checkpoints,
+    where stock vLLM on CPU has no FP8 MoE kernel (same kernel, nothing pulled or offloaded)."""
+    return dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5, dtype="bfloat16",
+                additional_config={"dwdp": {"enabled": True, "world_size": 1}})
+
+
+def start_engine(spec: dict, workdir: Path, name: str, module: str = "tests.harness.run_engine"
+                 ) -> tuple[subprocess.Popen, Path, Path]:
+    """Start ``module`` (``run_engine`` or a runner built on it) in a child process; returns
+    (process, output path, log path)."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = (workdir / f"{name}.{ext}" for ext in ("spec.json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
@@ -22,7 +51,7 @@ def start_engine(spec: dict, workdir: Path, name: str) -> tuple[subprocess.Popen
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.harness.run_engine", str(spec_path), str(out_path)],
+        [sys.executable, "-m", module, str(spec_path), str(out_path)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: kill_engine reaches vLLM's children
     )
