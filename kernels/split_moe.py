@@ -24,7 +24,7 @@ for this format: per token, per group of ``block_k`` consecutive channels, dynam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -222,7 +222,8 @@ def pick_config(tokens: int, top_k: int, num_experts: int, hidden: int, inter: i
     - otherwise bf16 128 x 128 tiles with 8 warps and 4 stages, FP8 64 x 128, 8 warps, 3.
 
     These are the best of :func:`candidate_configs` (or within 5% of it) at each step size
-    in ``benchmarks/results/moe_kernel_rate_h100.json`` (Qwen3-30B-A3B's experts on an H100;
+    in ``benchmarks/results/gpu-check-h100-session4/moe_kernel_rate_sweep.json``
+    (Qwen3-30B-A3B's experts on an H100;
     ``python benchmarks/moe_kernel_rate.py --sweep`` measures them again).
     ``block_k`` stays 64 for bf16/fp16/fp32 (every output element sums the same 64-wide K
     tiles in the same order whatever the step size) and is 128 for FP8 (the launcher uses

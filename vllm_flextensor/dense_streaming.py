@@ -38,7 +38,6 @@ waited, per streamed decoder layer.
 import re
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -46,6 +45,7 @@ import torch
 
 from vllm_flextensor import vllm_compat
 from vllm_flextensor.planner import GiB, OffloadPlan, fmt_bytes, plan_offload
+from vllm_flextensor.streaming import CopyTimer
 
 log = vllm_compat.logger("flextensor")
 
@@ -131,40 +131,6 @@ class StreamedLinear:
 
     def point_home(self) -> None:
         self.point_at([st.at_home for st in self.tensors])
-
-
-class CopyTimer:
-    """CUDA-event times of side-stream copies and of the compute's waits, folded into the
-    layer stats once the events completed (never waits for them)."""
-
-    def __init__(self):
-        self._pending: deque = deque()  # [stats, start, end] (+ compute arrival event)
-        self.last: dict[int, list] = {}  # slot -> its latest fill's entry
-
-    def started(self, slot: int, stats: DenseLayerStats, start, end) -> None:
-        entry = [stats, start, end]
-        self._pending.append(entry)
-        self.last[slot] = entry
-
-    def compute_arrives(self, slot: int, stream) -> None:
-        entry = self.last.get(slot)
-        if entry is not None and len(entry) == 3 and not entry[2].query():
-            arrival = torch.cuda.Event(enable_timing=True)
-            arrival.record(stream)
-            entry.append(arrival)
-
-    def collect(self) -> None:
-        while self._pending:
-            entry = self._pending[0]
-            if not entry[2].query() or (len(entry) == 4 and not entry[3].query()):
-                break
-            self._pending.popleft()
-            stats, start, end = entry[:3]
-            stats.stream_ms += start.elapsed_time(end)
-            if len(entry) == 4:
-                stats.wait_ms += max(0.0, entry[3].elapsed_time(end))
-        while len(self._pending) > 8192:  # best effort; never grows without bound
-            self._pending.popleft()
 
 
 class DenseRing:

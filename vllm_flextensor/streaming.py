@@ -32,12 +32,11 @@ class ExpertStreamer:
         ]
         # (layer, stream-buffer) each buffer holds, valid for the forward pass `holds_pass`.
         self.holds: list[tuple[int, int] | None] = [None] * num_buffers
-        self._pending: deque = deque()  # CUDA: [stats, end event, compute arrival event]
+        self.timer = CopyTimer()  # CUDA: copy times and the compute's waits, per layer
         if self.is_cuda:
             self.stream = torch.cuda.Stream(device=device)
             self.filled = [torch.cuda.Event() for _ in range(num_buffers)]
             self.consumed = [torch.cuda.Event() for _ in range(num_buffers)]
-        self._last_entry: list[list | None] = [None] * num_buffers
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for b in self.buffers for t in b.values())
@@ -72,9 +71,7 @@ class ExpertStreamer:
             end = torch.cuda.Event(enable_timing=True)
             end.record(self.stream)
             self.filled[buf].record(self.stream)
-        entry = [stats, start, end]
-        self._pending.append(entry)
-        self._last_entry[buf] = entry
+        self.timer.started(buf, stats, start, end)
         return moved
 
     def wait(self, buf: int) -> None:
@@ -82,11 +79,7 @@ class ExpertStreamer:
         if not self.is_cuda:
             return
         compute = torch.cuda.current_stream(self.device)
-        entry = self._last_entry[buf]
-        if entry is not None and len(entry) == 3:
-            arrival = torch.cuda.Event(enable_timing=True)
-            arrival.record(compute)
-            entry.append(arrival)
+        self.timer.compute_arrives(buf, compute)
         compute.wait_event(self.filled[buf])
 
     def release(self, buf: int) -> None:
@@ -95,14 +88,40 @@ class ExpertStreamer:
 
     def collect_timings(self) -> None:
         """Fold finished copies' CUDA-event times into their layer's stats (never waits)."""
+        self.timer.collect()
+
+
+class CopyTimer:
+    """CUDA-event times of side-stream copies and of the compute's waits, folded into the
+    layer stats (``stream_ms``, ``wait_ms``) once the events completed (never waits for
+    them). One per streamer: ``slot`` is the buffer a copy filled (expert stream buffer or
+    dense ring slot)."""
+
+    def __init__(self):
+        self._pending: deque = deque()  # [stats, start, end] (+ compute arrival event)
+        self.last: dict[int, list] = {}  # slot -> its latest fill's entry
+
+    def started(self, slot: int, stats, start, end) -> None:
+        entry = [stats, start, end]
+        self._pending.append(entry)
+        self.last[slot] = entry
+
+    def compute_arrives(self, slot: int, stream) -> None:
+        entry = self.last.get(slot)
+        if entry is not None and len(entry) == 3 and not entry[2].query():
+            arrival = torch.cuda.Event(enable_timing=True)
+            arrival.record(stream)
+            entry.append(arrival)
+
+    def collect(self) -> None:
         while self._pending:
             entry = self._pending[0]
             if not entry[2].query() or (len(entry) == 4 and not entry[3].query()):
                 break
             self._pending.popleft()
-            stats, start, end = entry[0], entry[1], entry[2]
+            stats, start, end = entry[:3]
             stats.stream_ms += start.elapsed_time(end)
-            if len(entry) == 4:  # the compute stream arrived at entry[3] and waited until `end`
+            if len(entry) == 4:
                 stats.wait_ms += max(0.0, entry[3].elapsed_time(end))
         while len(self._pending) > 8192:  # best effort; never grows without bound
             self._pending.popleft()

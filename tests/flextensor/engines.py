@@ -15,6 +15,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+import pytest
 
 from tests.harness import pool
 from tests.harness.equality import REPO
@@ -27,6 +30,19 @@ def runner_for(spec: dict) -> str:
     shared harness's runner for the rest, so a stock reference is the same run everywhere."""
     flex = spec.get("additional_config", {}).get("flextensor", {}).get("enabled")
     return RUNNER if flex or spec.get("compile_on_cpu") else pool.RUN_ENGINE
+
+
+def module_engines(plans: dict[str, Callable[..., dict[str, dict]]]):
+    """A module-scoped ``engines`` fixture: starts the engines of every selected test of the
+    module that ``plans`` names (test name -> ``plan(moe_checkpoint=..., **params)`` -> specs),
+    two at a time, in test order, and waits for them all before the next module."""
+    @pytest.fixture(scope="module")
+    def engines(request, moe_checkpoint):
+        futures = pool.prefetch(request, plans, runner_for, 900, moe_checkpoint=moe_checkpoint)
+        yield
+        pool.wait(futures)
+
+    return engines
 
 
 def run_engines_in_turn(specs: dict[str, dict], timeout: float = 900) -> dict[str, dict]:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.flextensor.engines import run_engines_in_turn, runner_for
+from tests.flextensor.engines import module_engines, run_engines_in_turn
 from tests.flextensor.test_flextensor_cpu import PROMPTS, flex_spec, weights_of
-from tests.harness import pool
 from tests.harness.equality import assert_outputs_equal, stock_spec
 from vllm_dwdp.plugin_config import PluginConfigError
 from vllm_flextensor.config import parse_flextensor_config
@@ -35,16 +34,10 @@ def too_small_specs(moe_checkpoint, **_):
         "flextensor": {"enabled": True, "gpu_budget_gb": too_small / GiB}})}
 
 
-@pytest.fixture(scope="module")
-def engines(request, moe_checkpoint):
-    """Start the engines of every selected test of this module, two at a time, in test order;
-    wait for them all before the next module."""
-    futures = pool.prefetch(request, {
-        "test_streamed_dense_layers_match_stock": streamed_specs,
-        "test_budget_below_full_dense_streaming_stops_before_loading": too_small_specs,
-    }, runner_for, 900, moe_checkpoint=moe_checkpoint)
-    yield
-    pool.wait(futures)
+engines = module_engines({
+    "test_streamed_dense_layers_match_stock": streamed_specs,
+    "test_budget_below_full_dense_streaming_stops_before_loading": too_small_specs,
+})
 
 
 @pytest.mark.parametrize("kind, layers, depth, streamed", [

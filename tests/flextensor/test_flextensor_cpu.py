@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flextensor.engines import run_engines_in_turn, runner_for
-from tests.harness import pool
+from tests.flextensor.engines import module_engines, run_engines_in_turn
 from tests.harness.equality import PROMPTS, assert_outputs_equal, one_rank_spec, stock_spec
 from vllm_flextensor.planner import GiB, budget_for_cache_slots, estimate_model_weights
 
@@ -93,19 +92,13 @@ def no_fit_specs(moe_checkpoint, flex, **_):
                               additional_config={"flextensor": {"enabled": True, **flex}})}
 
 
-@pytest.fixture(scope="module")
-def engines(request, moe_checkpoint):
-    """Start the engines of every selected test of this module, two at a time, in test order;
-    wait for them all before the next module."""
-    futures = pool.prefetch(request, {
-        "test_offloaded_experts_match_stock": offloaded_specs,
-        "test_compiled_engine_matches_stock": compiled_specs,
-        "test_unified_mode_reads_host_memory_in_place": unified_specs,
-        "test_fp8_experts_move_in_checkpoint_dtype": fp8_specs,
-        "test_plan_that_cannot_fit_stops_before_loading": no_fit_specs,
-    }, runner_for, 900, moe_checkpoint=moe_checkpoint)
-    yield
-    pool.wait(futures)
+engines = module_engines({
+    "test_offloaded_experts_match_stock": offloaded_specs,
+    "test_compiled_engine_matches_stock": compiled_specs,
+    "test_unified_mode_reads_host_memory_in_place": unified_specs,
+    "test_fp8_experts_move_in_checkpoint_dtype": fp8_specs,
+    "test_plan_that_cannot_fit_stops_before_loading": no_fit_specs,
+})
 
 
 @pytest.mark.parametrize("kind, cache_slots, experts", [
