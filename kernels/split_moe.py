@@ -441,8 +441,10 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
     for w in (w13_local, w2_local, w13_recv, w2_recv):
         if w.numel() and w.stride(-1) != 1:
             raise ValueError("expert weights must be contiguous in their last dimension")
-    # fp32 inputs get exact fp32 products (not tf32), to match vLLM's fp32 path.
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    # fp32 inputs multiply in tf32, as vLLM's fused MoE does on CUDA (its Triton ``tl.dot``
+    # keeps Triton's default input precision): the same rounding of every product as stock,
+    # so near-tied routing decisions of later layers fall the same way.
+    precision = "tf32"
     sorted_pair, block_slot, block_rows = align_pairs_by_slot_triton(
         topk_ids, slot_of_expert, num_slots, block_m)
     max_blocks = block_slot.numel()
