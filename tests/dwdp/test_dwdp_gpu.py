@@ -12,10 +12,10 @@ import os
 import pytest
 
 from tests.dwdp.test_dwdp_cpu import stay_until_both_done
-from tests.harness.equality import assert_outputs_equal, run_engines
+from tests.harness.checkpoints import dequantise_block_fp8
+from tests.harness.equality import (PROMPTS, assert_fp8_as_accurate_as_stock,
+                                    assert_outputs_equal, prompt_logprob_error, run_engines)
 from tests.harness.results import record_result
-
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 99], list(range(100, 160))]
 
 
 def _gpus() -> int:
@@ -26,12 +26,9 @@ def _gpus() -> int:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind, dtype, eager, atol", [
-    # Stock vLLM's fp32 MoE on CUDA multiplies in tf32 (~1e-3 relative), DWDP's kernel in
-    # exact fp32: logprobs agree to a few 1e-3, tokens exactly.
+    # Stock vLLM's fp32 MoE on CUDA multiplies in tf32, and so does DWDP's kernel.
     ("qwen3_moe", "float32", False, 1e-2),  # compiled, CUDA graphs off (logged)
     ("qwen2_moe", "float32", True, 1e-2),
-    # Block-FP8 experts: both sides quantise activations per 128-channel group; bf16 model.
-    ("qwen3_moe_fp8", "bfloat16", True, 5e-2),
 ])
 def test_dwdp_ranks_match_stock(moe_checkpoint, kind, dtype, eager, atol, tmp_path):
     model = moe_checkpoint(kind)
@@ -63,3 +60,42 @@ def test_dwdp_ranks_match_stock(moe_checkpoint, kind, dtype, eager, atol, tmp_pa
         "dwdp_ranks": 2, "gpus_used": 2 if two else 1, "enforce_eager": eager,
         "stats_rank0": ranks["rank0"]["dwdp_stats_after"],
     })
+
+
+@pytest.mark.gpu
+def test_dwdp_fp8_ranks_equal_one_rank_and_are_as_accurate_as_stock(moe_checkpoint, tmp_path):
+    """Block-FP8 experts. The pulls must change nothing: two ranks give exactly what one rank
+    holding every expert gives (same kernel, same arithmetic per token). The kernel must be
+    as accurate as stock vLLM's: prompt logprobs no farther from the bf16 truth."""
+    model = moe_checkpoint("qwen3_moe_fp8")
+    truth = dequantise_block_fp8(model, tmp_path / "bf16")
+    two = _gpus() >= 2
+    base = dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5, device="cuda",
+                dtype="bfloat16", prompt_logprobs=True,
+                engine_kwargs={"kv_cache_memory_bytes": 1 << 28})
+    port = 29800 + os.getpid() % 100
+    specs = {
+        "stock": dict(base, env={"VLLM_PLUGINS": "", "CUDA_VISIBLE_DEVICES": "0"}),
+        "truth": dict(base, model=str(truth),
+                      env={"VLLM_PLUGINS": "", "CUDA_VISIBLE_DEVICES": "0"}),
+        "one_rank": dict(base, env={"CUDA_VISIBLE_DEVICES": "0"},
+                         additional_config={"dwdp": {"enabled": True, "world_size": 1}}),
+    }
+    for r in (0, 1):
+        specs[f"rank{r}"] = dict(
+            base, dwdp_stats=True, **stay_until_both_done(tmp_path, r),
+            env={"CUDA_VISIBLE_DEVICES": ("0,1" if r == 0 else "1,0") if two else "0",
+                 "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
+            additional_config={"dwdp": {"enabled": True, "world_size": 2, "rank": r,
+                                        "master_port": port}})
+    res = run_engines(specs)
+    for r in ("rank0", "rank1"):
+        assert_outputs_equal(res["one_rank"], res[r], logprob_atol=1e-5, names=("one_rank", r))
+        assert prompt_logprob_error(res["one_rank"], res[r])[1] <= 1e-5
+        assert all(s["bytes_pulled"] > 0 for s in res[r]["dwdp_stats_after"])
+    accuracy = assert_fp8_as_accurate_as_stock(res["truth"], res["stock"], res["one_rank"],
+                                               "dwdp")
+    record_result("dwdp_e2e_qwen3_moe_fp8", {
+        "ranks_equal_one_rank": True, "accuracy_vs_bf16_truth": accuracy,
+        "dwdp_ranks": 2, "gpus_used": 2 if two else 1,
+        "stats_rank0": res["rank0"]["dwdp_stats_after"]})

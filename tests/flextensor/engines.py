@@ -1,9 +1,9 @@
 """Run engines for the FlexTensor tests: the shared harness's runner, plus FlexTensor's plan
 and counters read through ``llm.collective_rpc`` after generating.
 
-``python -m tests.flextensor.engines SPEC.json OUT.json``; :func:`run_engines_in_turn` runs
-specs each in its own process: CUDA ones one after another (they share one GPU), CPU ones
-through the session's engine pool (:mod:`tests.harness.pool`: two at a time, a spec already
+``python -m tests.flextensor.engines SPEC.json OUT.json``; :func:`run_flextensor_engines` runs
+specs each in its own process: CUDA ones side by side, CPU ones through the session's
+engine pool (:mod:`tests.harness.pool`: two at a time, a spec already
 run in this session not run again).
 """
 
@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from tests.harness import pool
-from tests.harness.equality import REPO
+from tests.harness.equality import run_engines
 
 RUNNER = "tests.flextensor.engines"
 
@@ -45,32 +43,13 @@ def module_engines(plans: dict[str, Callable[..., dict[str, dict]]]):
     return engines
 
 
-def run_engines_in_turn(specs: dict[str, dict], timeout: float = 900) -> dict[str, dict]:
-    """Each spec in its own process; results by name (with ``log_path``). CUDA specs one after
-    another, in order; CPU specs through the session's engine pool."""
+def run_flextensor_engines(specs: dict[str, dict], timeout: float = 900) -> dict[str, dict]:
+    """Each spec in its own process; results by name (with ``log_path``). CUDA specs side by
+    side (each sizes its KV cache from ``kv_cache_memory_bytes``, not from the GPU's free
+    memory), CPU specs through the session's engine pool."""
     if all(spec.get("device", "cpu") == "cpu" for spec in specs.values()):
         return pool.run(specs, runner_for, timeout)
-    workdir = Path(tempfile.mkdtemp(prefix="vllm-flextensor-eq-"))
-    results = {}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    for name, spec in specs.items():
-        spec_path, out_path, log_path = (workdir / f"{name}.{x}" for x in ("spec.json", "out.json",
-                                                                             "log"))
-        spec_path.write_text(json.dumps(spec))
-        with open(log_path, "w") as log:
-            try:
-                rc = subprocess.run([sys.executable, "-m", "tests.flextensor.engines",
-                                     str(spec_path), str(out_path)], cwd=REPO, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        if rc != 0:
-            raise RuntimeError(f"[{name}] engine process ended with {rc}; last log lines:\n"
-                               f"{log_path.read_text()[-6000:]}")
-        results[name] = json.loads(out_path.read_text())
-        results[name]["log_path"] = str(log_path)
-    return results
+    return run_engines(specs, timeout, runner=runner_for)
 
 
 def expert_homes_vs_checkpoint(worker, model_dir: str) -> dict:

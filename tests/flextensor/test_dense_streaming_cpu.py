@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flextensor.engines import module_engines, run_engines_in_turn
+from tests.flextensor.engines import module_engines, run_flextensor_engines
 from tests.flextensor.test_flextensor_cpu import PROMPTS, flex_spec, weights_of
 from tests.harness.equality import assert_outputs_equal, stock_spec
 from vllm_dwdp.plugin_config import PluginConfigError
@@ -50,7 +50,7 @@ def test_streamed_dense_layers_match_stock(moe_checkpoint, engines, kind, layers
                                            streamed):
     model = moe_checkpoint(kind, num_layers=6)
     w = weights_of(model)
-    results = run_engines_in_turn(streamed_specs(moe_checkpoint, kind, layers, depth))
+    results = run_flextensor_engines(streamed_specs(moe_checkpoint, kind, layers, depth))
     assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
     stats = results["flextensor"]["flextensor_stats"]
     dense = stats["dense"]
@@ -82,7 +82,7 @@ def test_streamed_dense_layers_match_stock(moe_checkpoint, engines, kind, layers
 
 def test_budget_below_full_dense_streaming_stops_before_loading(moe_checkpoint, engines):
     with pytest.raises(RuntimeError) as e:
-        run_engines_in_turn(too_small_specs(moe_checkpoint), timeout=300)
+        run_flextensor_engines(too_small_specs(moe_checkpoint), timeout=300)
     msg = str(e.value)
     assert "FlexTensorPlanError" in msg
     assert "even with the linear weights of all 6 decoder layers streamed" in msg

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flextensor.engines import module_engines, run_engines_in_turn
+from tests.flextensor.engines import module_engines, run_flextensor_engines
 from tests.harness.equality import PROMPTS, assert_outputs_equal, one_rank_spec, stock_spec
 from vllm_flextensor.planner import GiB, budget_for_cache_slots, estimate_model_weights
 
@@ -107,7 +107,7 @@ engines = module_engines({
 ])
 def test_offloaded_experts_match_stock(moe_checkpoint, engines, kind, cache_slots, experts):
     model = moe_checkpoint(kind)
-    results = run_engines_in_turn(offloaded_specs(moe_checkpoint, kind, cache_slots))
+    results = run_flextensor_engines(offloaded_specs(moe_checkpoint, kind, cache_slots))
     assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
     stats = results["flextensor"]["flextensor_stats"]
     check_counters(stats, cache_slots, experts)
@@ -125,7 +125,7 @@ def test_compiled_engine_matches_stock(moe_checkpoint, engines):
     """vLLM compiles the model and traces into the MoE layer's quant method: FlexTensor's
     stateful compute must stay outside the trace (one opaque op), or a step of another size
     than the traced one computes wrong. Both engines compile; 60-token prompt included."""
-    results = run_engines_in_turn(compiled_specs(moe_checkpoint))
+    results = run_flextensor_engines(compiled_specs(moe_checkpoint))
     assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
     log = Path(results["flextensor"]["log_path"]).read_text()
     assert "Warming up model for the compilation" in log  # it did compile
@@ -135,7 +135,7 @@ def test_compiled_engine_matches_stock(moe_checkpoint, engines):
 def test_unified_mode_reads_host_memory_in_place(moe_checkpoint, engines):
     """mode=unified (chosen automatically on GH200 / GB10): no stream buffers, the kernel
     reads uncached experts where they live; tokens equal stock."""
-    results = run_engines_in_turn(unified_specs(moe_checkpoint))
+    results = run_flextensor_engines(unified_specs(moe_checkpoint))
     assert_outputs_equal(results["stock"], results["unified"], names=("stock", "unified"))
     stats = results["unified"]["flextensor_stats"]
     assert stats["mode"] == "unified" and stats["plan"]["stream_buffer_gib"] == 0
@@ -149,7 +149,7 @@ def test_fp8_experts_move_in_checkpoint_dtype(moe_checkpoint, engines):
     model = moe_checkpoint("qwen3_moe_fp8")
     w = weights_of(model, dtype_bytes=2)
     assert w.expert_bytes == 3 * 128 * 256 + 4 * (2 * 2 * 1 + 1 * 2)  # fp8 weights + scales
-    results = run_engines_in_turn(fp8_specs(moe_checkpoint))
+    results = run_flextensor_engines(fp8_specs(moe_checkpoint))
     assert_outputs_equal(results["all_resident"], results["flextensor"],
                          names=("all_resident", "flextensor"), logprob_atol=2e-2)
     stats = results["flextensor"]["flextensor_stats"]
@@ -166,7 +166,7 @@ def test_fp8_experts_move_in_checkpoint_dtype(moe_checkpoint, engines):
 ])
 def test_plan_that_cannot_fit_stops_before_loading(moe_checkpoint, engines, flex, message):
     with pytest.raises(RuntimeError) as e:
-        run_engines_in_turn(no_fit_specs(moe_checkpoint, flex), timeout=300)
+        run_flextensor_engines(no_fit_specs(moe_checkpoint, flex), timeout=300)
     assert message in str(e.value)
     assert "FlexTensorPlanError" in str(e.value)
     assert "Loading weights" not in str(e.value) and "Model loading took" not in str(e.value)

@@ -136,6 +136,38 @@ def _quantize_block_fp8(path: Path, weights: re.Pattern) -> None:
         save_file(out, f, metadata={"format": "pt"})
 
 
+def dequantise_block_fp8(fp8_model: str | Path, dst: str | Path) -> Path:
+    """A bf16 copy of a block-FP8 checkpoint: each FP8 weight times its ``weight_scale_inv``
+    block by block. These are the weights the FP8 engines approximate (their only other
+    error is activation quantisation), so stock vLLM on this copy is the FP8 tests' truth."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    fp8_model, dst = Path(fp8_model), Path(dst)
+    if (dst / "config.json").exists():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in fp8_model.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    for f in fp8_model.glob("*.safetensors"):
+        tensors, out = load_file(f), {}
+        for k, t in tensors.items():
+            if k.endswith("_scale_inv"):
+                continue
+            s = tensors.get(k + "_scale_inv")
+            if s is not None:
+                per_row = torch.repeat_interleave(s, 128, 0)[: t.shape[0]]
+                t = t.float() * torch.repeat_interleave(per_row, 128, 1)[:, : t.shape[1]]
+            out[k] = t.to(torch.bfloat16)
+        save_file(out, dst / f.name, metadata={"format": "pt"})
+    config = json.loads((fp8_model / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
 BUILDERS = {"qwen3_moe": build_qwen3_moe, "qwen2_moe": build_qwen2_moe,
             "qwen3_moe_fp8": build_qwen3_moe_fp8, "qwen3": build_qwen3,
             "qwen3_fp8": build_qwen3_fp8}

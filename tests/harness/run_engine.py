@@ -6,7 +6,9 @@ between them and several DWDP ranks can run side by side.
 
 SPEC keys: model, prompts (lists of token ids), max_tokens, logprobs (top-k to record),
 additional_config, dtype, enforce_eager, env (variables set before vLLM is imported),
-device ("cpu" or "cuda"), text (load the model's tokenizer and return text too). For DWDP scenarios: ``dwdp_stats`` (record per-layer DWDP counters
+device ("cpu" or "cuda"), text (load the model's tokenizer and return text too),
+prompt_logprobs (also record each prompt token's logprob given the tokens before it:
+engines compared token by token on the same inputs, whatever they would generate). For DWDP scenarios: ``dwdp_stats`` (record per-layer DWDP counters
 before and after generating), ``wait_for`` (a file whose appearance ends the run, for a rank
 that stays idle while a peer works), ``done_file`` (touched after generating), and
 ``linger_s`` (keep serving one small request a second, to see how the engine reacts to a
@@ -51,6 +53,7 @@ def run(spec: dict) -> dict:
         logprobs=spec.get("logprobs", 5),
         detokenize=spec.get("text", False),
         ignore_eos=True,
+        prompt_logprobs=1 if spec.get("prompt_logprobs") else None,
     )
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
     stats_before = _dwdp_stats(llm) if spec.get("dwdp_stats") else None
@@ -71,14 +74,18 @@ def run(spec: dict) -> dict:
     results = []
     for out in outs:
         comp = out.outputs[0]
-        results.append({
+        result = {
             "text": comp.text,
             "token_ids": list(comp.token_ids),
             # one {token_id: logprob} dict per generated position
             "logprobs": [
                 {str(t): lp.logprob for t, lp in pos.items()} for pos in (comp.logprobs or [])
             ],
-        })
+        }
+        if spec.get("prompt_logprobs"):  # position 0 has none: nothing comes before it
+            result["prompt_logprobs"] = [pos[tok].logprob for tok, pos in
+                                         zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:])]
+        results.append(result)
     import vllm
 
     out = {"vllm_version": vllm.__version__, "startup_s": startup_s, "outputs": results}
