@@ -441,10 +441,6 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
     for w in (w13_local, w2_local, w13_recv, w2_recv):
         if w.numel() and w.stride(-1) != 1:
             raise ValueError("expert weights must be contiguous in their last dimension")
-    # fp32 inputs multiply in tf32, as vLLM's fused MoE does on CUDA (its Triton ``tl.dot``
-    # keeps Triton's default input precision): the same rounding of every product as stock,
-    # so near-tied routing decisions of later layers fall the same way.
-    precision = "tf32"
     sorted_pair, block_slot, block_rows = align_pairs_by_slot_triton(
         topk_ids, slot_of_expert, num_slots, block_m)
     max_blocks = block_slot.numel()
@@ -486,7 +482,7 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
         a.stride(0), a_s.stride(0) if fp8 else 0, w13_local.stride(0), w13_r.stride(0),
         w13_rows, inter.stride(0), inter_s.stride(0) if fp8 else 0,
         s13_l.stride(0), s13_r.stride(0), s13_l.stride(-2) if fp8 else 0,
-        BLOCK_M=block_m, BLOCK_N=gate_up_n, BLOCK_K=block_k, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=gate_up_n, BLOCK_K=block_k,
         ACT_DTYPE=_tl_dtype(x.dtype), FP8=fp8, SCALE_N=scale_n, UE8M0=ue8m0,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -501,7 +497,7 @@ def _split_moe_triton(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv, 
         inter.stride(0), inter_s.stride(0) if fp8 else 0, w2_local.stride(0), w2_r.stride(0),
         w2_rows, out_pairs.stride(0),
         s2_l.stride(0), s2_r.stride(0), s2_l.stride(-2) if fp8 else 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         FP8=fp8, SCALE_N=scale_n, num_warps=num_warps, num_stages=num_stages,
     )
     return out_pairs.view(T, K, H).sum(dim=1, dtype=torch.float32).to(x.dtype)

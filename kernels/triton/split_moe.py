@@ -123,7 +123,7 @@ def gate_up_act_kernel(
     stride_xt, stride_xs, stride_wle, stride_wre, stride_wn, stride_inter, stride_inter_s,
     stride_sle, stride_sre, stride_sn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, ACT_DTYPE: tl.constexpr, FP8: tl.constexpr,
+    ACT_DTYPE: tl.constexpr, FP8: tl.constexpr,
     SCALE_N: tl.constexpr, UE8M0: tl.constexpr,
 ):
     """inter[row, n] = silu(x[tok] . W13[slot, n]) * (x[tok] . W13[slot, I + n]).
@@ -170,9 +170,9 @@ def gate_up_act_kernel(
                          other=0.0)
             acc_g += tl.dot(a, tl.trans(wg)) * a_s[:, None] * sg[None, :]
             acc_u += tl.dot(a, tl.trans(wu)) * a_s[:, None] * su[None, :]
-        else:
-            acc_g = tl.dot(a, tl.trans(wg), acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=PRECISION)
+        else:  # Triton's default dot precision (tf32 for fp32), as vLLM's fused MoE uses
+            acc_g = tl.dot(a, tl.trans(wg), acc_g)
+            acc_u = tl.dot(a, tl.trans(wu), acc_u)
     # Rounded as vLLM's GEMM outputs and SiLU-and-mul round (no-ops for fp32): gate and up
     # to the activation dtype, then silu(gate), then silu(gate) * up.
     acc_g = acc_g.to(ACT_DTYPE).to(tl.float32)
@@ -197,7 +197,7 @@ def down_kernel(
     stride_inter, stride_inter_s, stride_wle, stride_wre, stride_wn, stride_out,
     stride_sle, stride_sre, stride_sn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr,
+    FP8: tl.constexpr, SCALE_N: tl.constexpr,
 ):
     """out[pair, n] = topk_weight[pair] * (inter[row] . W2[slot, n]), in out's dtype.
 
@@ -235,7 +235,7 @@ def down_kernel(
             sw = tl.load(s_ptr + (offs_n // SCALE_N) * stride_sn + kb, mask=mask_n, other=0.0)
             acc += tl.dot(a, tl.trans(w)) * a_s[:, None] * sw[None, :]
         else:
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+            acc = tl.dot(a, tl.trans(w), acc)
     g = tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     acc = acc * g[:, None]
     tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_out + offs_n[None, :],
