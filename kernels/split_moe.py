@@ -369,8 +369,6 @@ def fit_shared_memory(config: KernelConfig, act_bytes: int, weight_bytes: int,
     """``config`` with fewer pipeline stages, then fewer rows, until the gate/up kernel's
     pipelined tiles (one activation tile and two weight tiles per stage) fit in ``limit``
     bytes of shared memory: the tiles chosen for bf16 do not fit in fp32."""
-    from dataclasses import replace
-
     def need(c):
         return c.num_stages * (c.block_m * c.block_k * act_bytes
                                + 2 * c.block_n * c.block_k * weight_bytes)
