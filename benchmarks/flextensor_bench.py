@@ -18,8 +18,9 @@ no tokenizer) with ``--off-gpu`` (default 75%) of its routed-expert bytes off th
   Needs the library and its dependencies (``.whl/README.txt``); if it does not start, the JSON
   records ``run: false`` and the tail of its log.
 
-Each variant runs in its own process, one after the other, and measures decode tokens/s at
-batch 1, 8 and 64 and prefill tokens/s. The parent also measures pinned host-to-device copy
+Each variant runs in its own process, one after the other (the engine core in that process
+too, so every prompt of a batch is queued before the first step), and measures decode
+tokens/s at batch 1, 8 and 64 (the median of the timed decode steps) and prefill tokens/s. The parent also measures pinned host-to-device copy
 bandwidth, so the JSON reports ``stream_fraction_of_h2d`` (FlexTensor's copy bandwidth,
 bytes streamed / side-stream copy time, over that ceiling) and
 ``decode_bs1_speedup_vs_cpu_offload_gb``. Writes ``$OUT/flextensor_<gpu>.json`` (with the
@@ -40,6 +41,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,20 +96,45 @@ def run_variant(spec: dict) -> dict:
     timed(prompts(2, spec["prompt_len"]), 4)  # warm-up
     before = stats_fn() if stats_fn else None
     steps = spec["decode_steps"]
+    engine = llm.llm_engine
+    calls = iter(range(1 << 30))
+
+    def step_times(batch, max_tokens):
+        """Queue ``batch``, run the engine step by step: the wall time of each step that
+        produced output. In-process (the default, see ``env_all_variants``) every prompt is
+        queued before the first step, so a batch is scheduled the same way every run."""
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                detokenize=False)
+        call = next(calls)
+        for j, p in enumerate(batch):
+            engine.add_request(f"bench-{call}-{j}", p, params)
+        times, t = [], time.perf_counter()
+        while engine.has_unfinished_requests():
+            if engine.step():
+                now = time.perf_counter()
+                times.append(now - t)
+                t = now
+        return times
+
     for b in spec["decode_batches"]:
-        # Fresh prompts for each call: prefix caching must not shorten the second prefill.
-        # Decode time = (prefill + 1 + steps tokens) - (prefill + 1 token): offloaded
-        # prefills read most experts and vary, so steps must be many (48 by default; with
-        # 16, --cpu-offload-gb's batch-1 decode came out 21 and 82 tokens/s on two runs).
-        first = timed(prompts(b, spec["prompt_len"]), 1)  # prefill + first token
-        total = timed(prompts(b, spec["prompt_len"]), 1 + steps)
-        decode_s = max(total - first, 1e-9)
-        result["decode"][str(b)] = {"batch": b, "steps": steps, "seconds": decode_s,
-                                    "tok_per_s": b * steps / decode_s}
+        # Each engine step timed on its own: the first steps prefill, the last `steps` are
+        # decode steps of the whole batch, and their median is the decode step time (a
+        # difference of two generate() calls carried the prefills' variance: with 16 steps,
+        # --cpu-offload-gb's batch-1 decode came out 21 and 82 tokens/s on two runs).
+        times = step_times(prompts(b, spec["prompt_len"]), steps + 4)
+        decode = sorted(times[-steps:])
+        median = decode[len(decode) // 2]
+        result["decode"][str(b)] = {
+            "batch": b, "steps": len(decode), "step_ms_median": median * 1e3,
+            "step_ms_mean": sum(decode) / len(decode) * 1e3,
+            "step_ms_min": decode[0] * 1e3, "step_ms_max": decode[-1] * 1e3,
+            "first_steps_ms": [x * 1e3 for x in times[:-steps]],
+            "tok_per_s": b / median}
     n, length = spec["prefill_batch"], spec["prefill_len"]
-    seconds = timed(prompts(n, length), 1)
+    times = step_times(prompts(n, length), 1)
+    seconds = sum(times)
     result["prefill"] = {"prompts": n, "prompt_len": length, "seconds": seconds,
-                         "tok_per_s": n * length / seconds}
+                         "steps": len(times), "tok_per_s": n * length / seconds}
     if stats_fn:
         after = stats_fn()
         result["flextensor_plan"] = after["plan"]
@@ -225,6 +252,9 @@ def main() -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--compile", action="store_true", help="torch.compile (and CUDA graphs for stock)")
     p.add_argument("--timeout", type=float, default=240, help="seconds per variant")
+    p.add_argument("--engine-process", action="store_true",
+                   help="run each engine core in its own process (vLLM's default; batches then "
+                   "depend on when prompts reach it)")
     p.add_argument("--lib-timeout", type=float, default=None,
                    help="seconds for flextensor_lib (default: --timeout); it stages and pins every "
                    "weight on the host at start-up and streams whole layers, so it may need more")
@@ -313,6 +343,15 @@ def main() -> int:
                                "CPU weights in place, so this checks the script, not speed")
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    # Every variant decodes greedily: FlashInfer's top-k/top-p sampler is never used (and
+    # compiles for minutes on a fresh machine). The engine core runs in the worker's process
+    # unless --engine-process: with it in its own process, the first step takes whichever
+    # prompts have arrived, and a prefill of 8 prompts ran in one step in one run and two in
+    # the next (0.46 s and 0.93 s: every step streams the layers' experts once).
+    report["env_all_variants"] = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    if not args.engine_process:
+        report["env_all_variants"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env.update(report["env_all_variants"])
     if args.tiny:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     stem = "flextensor_tiny_cpu" if args.tiny else f"flextensor_{_gpu_tag()}"
@@ -331,11 +370,20 @@ def main() -> int:
         print(f"[flextensor_bench] running {name} ...", flush=True)
         t = time.monotonic()
         with open(log_path, "w") as log:
+            # Its own process group: on a timeout the engine core (a child of the worker)
+            # goes too, and frees the GPU for the next variant.
+            proc = subprocess.Popen(cmd, env=venv, cwd=REPO, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = subprocess.run(cmd, env=venv, cwd=REPO, stdout=log,
-                                    stderr=subprocess.STDOUT, timeout=timeout).returncode
+                rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 rc = f"timeout after {timeout:.0f} s"
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
         text = log_path.read_text(errors="replace")
         if rc == 0:
             report["variants"][name] = json.loads(res_path.read_text())
