@@ -471,6 +471,13 @@ def summarize(report: dict) -> None:
     report["stream_fraction_of_h2d"] = s["stream_fraction_of_h2d"]
 
 
+PLOT_VARIANTS = [("flextensor", "FlexTensor\n(copy)", "tab:green"),
+                 ("flextensor_in_place", "FlexTensor\n(in_place)", "yellowgreen"),
+                 ("flextensor_uva", "FlexTensor\n(unified)", "olivedrab"),
+                 ("cpu_offload_gb", "--cpu-\noffload-gb", "tab:gray"),
+                 ("flextensor_lib", "flextensor\n(NVIDIA lib)", "tab:blue")]
+
+
 def plot(report: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -484,19 +491,17 @@ def plot(report: dict, path: Path) -> None:
     labels = ["decode bs1", "decode bs8", "decode bs64", "prefill"]
     keys = ["decode_bs1_tok_per_s", "decode_bs8_tok_per_s", "decode_bs64_tok_per_s",
             "prefill_tok_per_s"]
-    names, colors = ["FlexTensor", "--cpu-offload-gb"], ["tab:green", "tab:gray"]
-    lib = any(s[k].get("flextensor_lib") for k in keys)  # NVIDIA's flextensor, where it ran
-    if lib:
-        names = ["FlexTensor\n(ours)", "--cpu-\noffload-gb", "flextensor\n(NVIDIA lib)"]
-        colors = colors + ["tab:blue"]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
+    # Every variant that has a number in some panel, in this order.
+    shown = [(v, name, color) for v, name, color in PLOT_VARIANTS
+             if any(s[k].get(v) for k in keys)]
+    fig, axes = plt.subplots(1, 4, figsize=(3.2 + 2.2 * len(shown), 3.8))
     for ax, label, key in zip(axes, labels, keys):
-        vals = [s[key]["flextensor"] or 0, s[key]["cpu_offload_gb"] or 0]
-        vals += [s[key].get("flextensor_lib") or 0] if lib else []
-        bars = ax.bar(names, vals, color=colors)
-        ax.bar_label(bars, fmt="%.1f")
+        bars = ax.bar([name for _, name, _ in shown], [s[key].get(v) or 0 for v, _, _ in shown],
+                      color=[color for _, _, color in shown])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_title(label)
         ax.set_ylabel("tokens/s")
+        ax.tick_params(axis="x", labelsize=7)
     h2d = report["h2d_pinned"].get("gb_per_s")
     frac = s.get("stream_fraction_of_h2d")
     fig.suptitle(f"{report['model']}, {report['num_hidden_layers']} layers, "
