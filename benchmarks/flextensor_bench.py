@@ -21,9 +21,9 @@ no tokenizer) with ``--off-gpu`` (default 75%) of its routed-expert bytes off th
 Each variant runs in its own process, one after the other (the engine core in that process
 too, so every prompt of a batch is queued before the first step), and measures decode
 tokens/s at batch 1, 8 and 64 (the median of the timed decode steps) and prefill tokens/s.
-The parent also measures pinned host-to-device copy bandwidth, so the JSON reports ``stream_fraction_of_h2d`` (FlexTensor's copy bandwidth,
-bytes streamed / side-stream copy time, over that ceiling) and
-``decode_bs1_speedup_vs_cpu_offload_gb``. Writes ``$OUT/flextensor_<gpu>.json`` (with the
+The parent also measures pinned host-to-device copy bandwidth, so the JSON reports
+``stream_fraction_of_h2d`` (FlexTensor's copy bandwidth, bytes streamed / side-stream copy
+time, over that ceiling) and ``decode_bs1_speedup_vs_cpu_offload_gb``. Writes ``$OUT/flextensor_<gpu>.json`` (with the
 command) and ``$OUT/flextensor_<gpu>.png`` (``<gpu>``: h100, h200, ...).
 
     python benchmarks/flextensor_bench.py                  # GPU, ~6-7 minutes on one H200
