@@ -20,11 +20,12 @@ no tokenizer) with ``--off-gpu`` (default 75%) of its routed-expert bytes off th
 
 Each variant runs in its own process, one after the other (the engine core in that process
 too, so every prompt of a batch is queued before the first step), and measures decode
-tokens/s at batch 1, 8 and 64 (the median of the timed decode steps) and prefill tokens/s.
-The parent also measures pinned host-to-device copy bandwidth, so the JSON reports
+tokens/s at batch 1, 8 and 64 (over the total time of the timed decode steps) and prefill
+tokens/s. The parent also measures pinned host-to-device copy bandwidth, so the JSON reports
 ``stream_fraction_of_h2d`` (FlexTensor's copy bandwidth, bytes streamed / side-stream copy
-time, over that ceiling) and ``decode_bs1_speedup_vs_cpu_offload_gb``. Writes ``$OUT/flextensor_<gpu>.json`` (with the
-command) and ``$OUT/flextensor_<gpu>.png`` (``<gpu>``: h100, h200, ...).
+time, over that ceiling) and ``decode_bs1_speedup_vs_cpu_offload_gb``. Writes
+``$OUT/flextensor_<gpu>.json`` (with the command) and ``$OUT/flextensor_<gpu>.png``
+(``<gpu>``: h100, h200, ...).
 
     python benchmarks/flextensor_bench.py                  # GPU, ~6-7 minutes on one H200
                                                            # before flextensor_lib was added
@@ -118,18 +119,21 @@ def run_variant(spec: dict) -> dict:
 
     for b in spec["decode_batches"]:
         # Each engine step timed on its own: the first steps prefill, the last `steps` are
-        # decode steps of the whole batch, and their median is the decode step time (a
-        # difference of two generate() calls carried the prefills' variance: with 16 steps,
-        # --cpu-offload-gb's batch-1 decode came out 21 and 82 tokens/s on two runs).
+        # decode steps of the whole batch (a difference of two generate() calls carried the
+        # prefills' variance: with 16 steps, --cpu-offload-gb's batch-1 decode came out 21
+        # and 82 tokens/s on two runs). Tokens/s from their mean, i.e. their total time:
+        # outputs sometimes arrive two steps at once (one sample near 0 ms, the next
+        # double), which moves a median but not a sum.
         times = step_times(prompts(b, spec["prompt_len"]), steps + 4)
         decode = sorted(times[-steps:])
+        mean = sum(decode) / len(decode)
         median = decode[len(decode) // 2]
         result["decode"][str(b)] = {
-            "batch": b, "steps": len(decode), "step_ms_median": median * 1e3,
-            "step_ms_mean": sum(decode) / len(decode) * 1e3,
+            "batch": b, "steps": len(decode), "step_ms_mean": mean * 1e3,
+            "step_ms_median": median * 1e3,
             "step_ms_min": decode[0] * 1e3, "step_ms_max": decode[-1] * 1e3,
             "first_steps_ms": [x * 1e3 for x in times[:-steps]],
-            "tok_per_s": b / median}
+            "tok_per_s": b / mean, "tok_per_s_from_median": b / median}
     n, length = spec["prefill_batch"], spec["prefill_len"]
     times = step_times(prompts(n, length), 1)
     seconds = sum(times)
