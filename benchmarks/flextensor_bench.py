@@ -31,6 +31,8 @@ time, over that ceiling) and ``decode_bs1_speedup_vs_cpu_offload_gb``. Writes
                                                            # before flextensor_lib was added
     python benchmarks/flextensor_bench.py --tiny           # CPU smoke test of the script logic
     python benchmarks/flextensor_bench.py --dry-run        # each variant's command, env and spec
+    python benchmarks/flextensor_bench.py --variants flextensor,cpu_offload_gb,flextensor@2 \
+        --profile 8    # a variant twice in one run; 8 profiled batch-1 steps of each
 
 All variants run eagerly (``enforce_eager``; no torch.compile or CUDA graphs: start-up time)
 unless ``--compile`` is given; FlexTensor never captures CUDA graphs.
@@ -139,6 +141,9 @@ def run_variant(spec: dict) -> dict:
     seconds = sum(times)
     result["prefill"] = {"prompts": n, "prompt_len": length, "seconds": seconds,
                          "steps": len(times), "tok_per_s": n * length / seconds}
+    if spec.get("profile"):
+        result["profile"] = profile_decode(step_times, prompts(1, spec["prompt_len"]),
+                                           spec["profile"])
     if stats_fn:
         after = stats_fn()
         result["flextensor_plan"] = after["plan"]
@@ -156,6 +161,29 @@ def run_variant(spec: dict) -> dict:
 
     result["vllm_version"] = vllm.__version__
     return result
+
+
+def profile_decode(step_times, batch, steps: int) -> dict:
+    """``steps`` batch-1 decode steps under the torch profiler (the engine core must run in
+    this process): where host and GPU time go, as two tables written to the file
+    ``$FLEXTENSOR_BENCH_PROFILE_OUT`` (self CPU time, self device time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        times = step_times(batch, steps + 1)
+    table = prof.key_averages()
+    text = ["self CPU time, all steps:", table.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if torch.cuda.is_available():
+        text += ["self device time, all steps:",
+                 table.table(sort_by="self_device_time_total", row_limit=30)]
+    path = os.environ.get("FLEXTENSOR_BENCH_PROFILE_OUT")
+    if path:
+        Path(path).write_text("\n".join(text))
+    return {"steps": steps, "step_ms": [t * 1e3 for t in times], "tables": path}
 
 
 # ---- the parent: model, budget, bandwidth, variants, report ---------------------------------
@@ -256,6 +284,11 @@ def main() -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--compile", action="store_true", help="torch.compile (and CUDA graphs for stock)")
     p.add_argument("--timeout", type=float, default=240, help="seconds per variant")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after the timed runs, profile STEPS batch-1 decode steps (torch "
+                   "profiler, host and GPU; needs the engine in-process) of the variants in "
+                   "--profile-variants; tables in $OUT/flextensor_bench_<variant>_profile.txt")
+    p.add_argument("--profile-variants", default="flextensor,cpu_offload_gb")
     p.add_argument("--engine-process", action="store_true",
                    help="run each engine core in its own process (vLLM's default; batches then "
                    "depend on when prompts reach it)")
@@ -269,6 +302,9 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.profile and args.engine_process:
+        p.error("--profile needs the engine core in the worker's process: drop --engine-process")
+    args.profile_variants = args.profile_variants.split(",")
     if args.worker:
         spec = json.loads(Path(args.worker[0]).read_text())
         Path(args.worker[1]).write_text(json.dumps(run_variant(spec)))
@@ -360,16 +396,22 @@ def main() -> int:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     stem = "flextensor_tiny_cpu" if args.tiny else f"flextensor_{_gpu_tag()}"
     for name in args.variants.split(","):
+        # "flextensor@2": the flextensor variant again (a second sample in the same run)
+        variant = name.split("@")[0]
+        spec = dict(specs[variant], profile=args.profile if variant in args.profile_variants
+                    else None)
         spec_path, res_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
-        spec_path.write_text(json.dumps(specs[name]))
+        spec_path.write_text(json.dumps(spec))
         log_path = out / f"flextensor_bench_{name}.log"
         cmd = [sys.executable, __file__, "--worker", str(spec_path), str(res_path)]
-        venv = dict(env, **specs[name].get("env", {}))
-        timeout = (args.lib_timeout if name == "flextensor_lib" and args.lib_timeout
+        venv = dict(env, **specs[variant].get("env", {}))
+        if spec["profile"]:
+            venv["FLEXTENSOR_BENCH_PROFILE_OUT"] = str(out / f"flextensor_bench_{name}_profile.txt")
+        timeout = (args.lib_timeout if variant == "flextensor_lib" and args.lib_timeout
                    else args.timeout)
         if args.dry_run:
-            print(f"[flextensor_bench] {name}: env {json.dumps(specs[name].get('env', {}))} "
-                  f"timeout {timeout:.0f} s\n  {shlex.join(cmd)}\n  spec {json.dumps(specs[name])}")
+            print(f"[flextensor_bench] {name}: env {json.dumps(specs[variant].get('env', {}))} "
+                  f"timeout {timeout:.0f} s\n  {shlex.join(cmd)}\n  spec {json.dumps(spec)}")
             continue
         print(f"[flextensor_bench] running {name} ...", flush=True)
         t = time.monotonic()
@@ -394,17 +436,17 @@ def main() -> int:
         else:
             report["variants"][name] = {"error": f"exit {rc}", "error_lines":
                                         exception_lines(text), "log_tail": text[-3000:]}
-        if specs[name].get("log_grep"):
+        if spec.get("log_grep"):
             report["variants"][name]["log_lines"] = [
                 ln[:1500] for ln in text.splitlines()
-                if any(k in ln for k in specs[name]["log_grep"]) and "File \"" not in ln][:40]
-        if specs[name].get("env"):
-            report["variants"][name]["env"] = specs[name]["env"]
+                if any(k in ln for k in spec["log_grep"]) and "File \"" not in ln][:40]
+        if spec.get("env"):
+            report["variants"][name]["env"] = spec["env"]
         report["variants"][name]["wall_s"] = time.monotonic() - t
-        if name == "flextensor_lib":
+        if variant == "flextensor_lib":
             lib = report["flextensor_library"]
             lib.update(run="error" not in report["variants"][name], variant=name,
-                       worker_cls=FT_LIB_WORKER_CLS, env=specs[name]["env"])
+                       worker_cls=FT_LIB_WORKER_CLS, env=spec["env"])
             errs = report["variants"][name].get("error_lines") or ["(no exception in its log)"]
             # The first exception is the root cause (the engine's worker); the last, what the
             # client saw.
