@@ -121,7 +121,10 @@ def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor, group: int) -> torc
     return q.float() * scale.repeat_interleave(group, dim=1)[:, :q.shape[1]]
 
 
-def _dequantize_blocks(w: torch.Tensor, scale: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+def dequantize_blocks_reference(w: torch.Tensor, scale: torch.Tensor, bn: int = 128,
+                                bk: int = 128) -> torch.Tensor:
+    """A [N, K] block-FP8 weight times its ``weight_scale_inv`` [N/bn, K/bk], in float32
+    (undoes :func:`quantize_blocks_reference` up to FP8 rounding)."""
     n, k = w.shape
     return w.float() * scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
 
@@ -153,8 +156,8 @@ def split_moe_reference(x, topk_weights, topk_ids, w13_local, w2_local, w13_recv
                        else (scales.w13_recv[i], scales.w2_recv[i]))
             a = _dequantize_groups(*quantize_groups_reference(a, scales.block_k, scales.ue8m0),
                                    scales.block_k)
-            w13 = _dequantize_blocks(w13, s13, scales.block_n, scales.block_k)
-            w2 = _dequantize_blocks(w2, s2, scales.block_n, scales.block_k)
+            w13 = dequantize_blocks_reference(w13, s13, scales.block_n, scales.block_k)
+            w2 = dequantize_blocks_reference(w2, s2, scales.block_n, scales.block_k)
         h = (a @ w13.float().t()).to(x.dtype).float()  # gate/up in x.dtype, as the kernel
         inter = h.shape[1] // 2
         # silu(gate) and silu(gate) * up each rounded to x.dtype, as vLLM's SiLU-and-mul

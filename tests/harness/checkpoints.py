@@ -144,10 +144,14 @@ def dequantise_block_fp8(fp8_model: str | Path, dst: str | Path) -> Path:
 
     from safetensors.torch import load_file, save_file
 
+    from vllm_dwdp_kernels.split_moe import dequantize_blocks_reference
+
     fp8_model, dst = Path(fp8_model), Path(dst)
     if (dst / "config.json").exists():
         return dst
     dst.mkdir(parents=True, exist_ok=True)
+    config = json.loads((fp8_model / "config.json").read_text())
+    block = config.pop("quantization_config")["weight_block_size"]
     for f in fp8_model.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
             shutil.copy(f, dst / f.name)
@@ -158,12 +162,9 @@ def dequantise_block_fp8(fp8_model: str | Path, dst: str | Path) -> Path:
                 continue
             s = tensors.get(k + "_scale_inv")
             if s is not None:
-                per_row = torch.repeat_interleave(s, 128, 0)[: t.shape[0]]
-                t = t.float() * torch.repeat_interleave(per_row, 128, 1)[:, : t.shape[1]]
+                t = dequantize_blocks_reference(t, s, *block)
             out[k] = t.to(torch.bfloat16)
         save_file(out, dst / f.name, metadata={"format": "pt"})
-    config = json.loads((fp8_model / "config.json").read_text())
-    config.pop("quantization_config", None)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
 

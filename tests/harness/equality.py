@@ -40,7 +40,10 @@ def one_rank_spec(model: str) -> dict:
                 additional_config={"dwdp": {"enabled": True, "world_size": 1}})
 
 
-def start_engine(spec: dict, workdir: Path, name: str, module: str = "tests.harness.run_engine"
+RUN_ENGINE = "tests.harness.run_engine"  # the module that runs one spec (default runner)
+
+
+def start_engine(spec: dict, workdir: Path, name: str, module: str = RUN_ENGINE
                  ) -> tuple[subprocess.Popen, Path, Path]:
     """Start ``module`` (``run_engine`` or a runner built on it) in a child process; returns
     (process, output path, log path)."""
@@ -93,7 +96,7 @@ def run_engines(specs: dict[str, dict], timeout: float = 600, concurrent: bool =
     runs a spec (default ``tests.harness.run_engine``).
     """
     workdir = Path(tempfile.mkdtemp(prefix="vllm-dwdp-eq-"))
-    module = runner or (lambda spec: "tests.harness.run_engine")
+    module = runner or (lambda spec: RUN_ENGINE)
     results, errors = {}, []
 
     def collect(name, started):

@@ -27,9 +27,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from tests.harness.equality import kill_engine, start_engine, wait_engine
+from tests.harness.equality import RUN_ENGINE, kill_engine, start_engine, wait_engine
 
-RUN_ENGINE = "tests.harness.run_engine"
 # Engines side by side: the CI machine has 2 cores; VLLM_DWDP_TEST_ENGINES overrides.
 SLOTS = max(1, int(os.environ.get("VLLM_DWDP_TEST_ENGINES", min(2, os.cpu_count() or 1))))
 
