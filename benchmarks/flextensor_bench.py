@@ -41,6 +41,7 @@ unless ``--compile`` is given; FlexTensor never captures CUDA graphs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -81,26 +82,15 @@ def run_variant(spec: dict) -> dict:
         return [TokensPrompt(prompt_token_ids=[rng.randrange(10, vocab - 10) for _ in range(length)])
                 for _ in range(n)]
 
-    def timed(batch, max_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                detokenize=False)
-        t = time.perf_counter()
-        outs = llm.generate(batch, params, use_tqdm=False)
-        elapsed = time.perf_counter() - t
-        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
-        return elapsed
-
     stats_fn = None
     if spec.get("additional_config", {}).get("flextensor"):
         from vllm_flextensor.moe_layer import worker_stats
 
         stats_fn = lambda: llm.collective_rpc(worker_stats)[0]  # noqa: E731
     result = {"startup_s": startup_s, "decode": {}, "prefill": {}}
-    timed(prompts(2, spec["prompt_len"]), 4)  # warm-up
-    before = stats_fn() if stats_fn else None
     steps = spec["decode_steps"]
     engine = llm.llm_engine
-    calls = iter(range(1 << 30))
+    calls = itertools.count()
 
     def step_times(batch, max_tokens):
         """Queue ``batch``, run the engine step by step: the wall time of each step that
@@ -113,11 +103,16 @@ def run_variant(spec: dict) -> dict:
             engine.add_request(f"bench-{call}-{j}", p, params)
         times, t = [], time.perf_counter()
         while engine.has_unfinished_requests():
-            if engine.step():
+            outs = engine.step()
+            if outs:
                 now = time.perf_counter()
                 times.append(now - t)
                 t = now
+            assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs if o.finished)
         return times
+
+    step_times(prompts(2, spec["prompt_len"]), 4)  # warm-up
+    before = stats_fn() if stats_fn else None
 
     for b in spec["decode_batches"]:
         # Each engine step timed on its own: the first steps prefill, the last `steps` are

@@ -40,13 +40,8 @@ from moe_kernel_rate import (MODELS, Timer, _err, import_kernels, load_shape,  #
 def sweep_configs(sm):
     """Tile configs for host reads: wider K tiles read more of each weight row per visit
     (a bf16 row of W13 is 4 KiB, W2's 1.5 KiB)."""
-    out = []
-    for bk in (64, 128, 256):
-        for bn in (16, 32, 64):
-            for stages in (2, 3, 4):
-                for warps in (4,):
-                    out.append(sm.KernelConfig(16, bn, bk, num_warps=warps, num_stages=stages))
-    return out
+    return [sm.KernelConfig(16, bn, bk, num_warps=4, num_stages=stages)
+            for bk in (64, 128, 256) for bn in (16, 32, 64) for stages in (2, 3, 4)]
 
 
 def main() -> int:
