@@ -40,6 +40,12 @@ class FlexTensorConfig:
         "from host memory over PCIe, no host sync); unified mode always reads in place",
         one_of("copy", "in_place"),
     )
+    prestage_next_layer: bool = setting(
+        True, "copy mode, steps that move only routed experts: while layer l computes, also "
+        "copy the uncached experts layer l+1's router picks for layer l's hidden states (a "
+        "guess, so the copies overlap the compute; experts the guess missed are copied once "
+        "layer l+1 has routed)",
+    )
     cache_refresh_steps: int = setting(
         32, "reading routed experts in place: forward passes between GPU expert-cache "
         "refreshes (routing is counted on the GPU every step, read by the host once per "

@@ -24,6 +24,11 @@ WAIT_SECONDS = Counter("vllm:flextensor_compute_wait_seconds",
                        "Time the compute stood still for streamed experts", _LABELS)
 ROUTING_SYNC_SECONDS = Counter("vllm:flextensor_routing_sync_seconds",
                                "Time the host waited for the router's picks", _LABELS)
+PRESTAGED = Counter("vllm:flextensor_experts_prestaged",
+                    "Routed experts copied while the MoE layer before computed, from that "
+                    "layer's guess of this layer's routing", _LABELS)
+PRESTAGED_USED = Counter("vllm:flextensor_prestaged_used",
+                         "Pre-staged experts the router then picked", _LABELS)
 
 DENSE_BYTES_STREAMED = Counter("vllm:flextensor_dense_bytes_streamed",
                                "Bytes of decoder-layer linear weights (attention, dense MLP, "
@@ -34,7 +39,8 @@ DENSE_WAIT_SECONDS = Counter("vllm:flextensor_dense_wait_seconds",
 
 _FIELDS = (("bytes_streamed", BYTES_STREAMED, 1.0), ("cache_lookups", CACHE_LOOKUPS, 1.0),
            ("cache_hits", CACHE_HITS, 1.0), ("whole_layer_steps", WHOLE_LAYER_STREAMS, 1.0),
-           ("wait_ms", WAIT_SECONDS, 1e-3), ("routing_sync_ms", ROUTING_SYNC_SECONDS, 1e-3))
+           ("wait_ms", WAIT_SECONDS, 1e-3), ("routing_sync_ms", ROUTING_SYNC_SECONDS, 1e-3),
+           ("experts_prestaged", PRESTAGED, 1.0), ("prestaged_used", PRESTAGED_USED, 1.0))
 DENSE_FIELDS = (("bytes_streamed", DENSE_BYTES_STREAMED, 1.0),
                 ("wait_ms", DENSE_WAIT_SECONDS, 1e-3))
 

@@ -14,9 +14,12 @@ Follow one token (three files):
    the copy engine move the experts the cache lacks into a GPU stream buffer
    (``streaming.py``); ``in_place`` (always in unified mode) lets the split-weight kernel
    (``kernels/split_moe.py``) read them straight from their pinned host home through the
-   GPU's view of it, with no host sync. Cached experts are read from the GPU cache. A step
-   whose tokens reach most experts instead streams the layer's uncached experts whole,
-   one layer ahead, on a side stream into a GPU buffer the kernel reads.
+   GPU's view of it, with no host sync. Copying, the same host read also brings the next
+   MoE layer's router's picks for this layer's hidden states (``prestage_next_layer``):
+   their uncached experts are copied while this layer computes, and the next layer copies
+   only what that guess missed. Cached experts are read from the GPU cache. A step whose
+   tokens reach most experts instead streams the layer's uncached experts whole, one layer
+   ahead, on a side stream into a GPU buffer the kernel reads.
 3. ``expert_cache.py`` ranks experts by routing frequency. Copying, each routed step
    updates it and hot streamed experts take cache slots; reading in place, the GPU counts
    routing and the host reads the counts once per ``cache_refresh_steps`` passes, then the
@@ -56,6 +59,8 @@ class LayerStats:
     cache_lookups: int = 0          # routed experts looked up in the cache
     cache_hits: int = 0
     cache_admissions: int = 0       # streamed experts that took a cache slot
+    experts_prestaged: int = 0      # copied while the layer before computed (a routing guess)
+    prestaged_used: int = 0         # of which the layer's router then picked
     stream_ms: float = 0.0          # copy time (side stream on CUDA)
     wait_ms: float = 0.0            # time the compute stood still for streamed experts
     routing_sync_ms: float = 0.0    # time the host waited for routing counts (cache refresh)
@@ -85,6 +90,8 @@ class FlexTensorRuntime:
         self._progress = None
         self._refresh_stream = None     # CUDA: cache refills overlap the first layers' compute
         self._cache_ready: dict[int, torch.cuda.Event] = {}
+        # Stream buffer -> (forward pass, MoE layer, {expert: position}) pre-staged into it.
+        self._prestaged: dict[int, tuple[int, int, dict[int, int]]] = {}
 
     @classmethod
     def get(cls) -> FlexTensorRuntime | None:
@@ -174,6 +181,9 @@ class FlexTensorRuntime:
         # (token, expert) picks per expert, and routed-expert steps that read each expert.
         layer.flextensor_counts = torch.zeros(E, dtype=torch.int64, device=self.device)
         layer.flextensor_touches = torch.zeros(E, dtype=torch.int64, device=self.device)
+        # Its router, so the layer before can guess this layer's picks (pre-staging).
+        layer.flextensor_gate = (vllm_compat.router_gate(layer)
+                                 if self.cfg.prestage_next_layer else None)
         self.loaded += 1
         if self._progress is not None:
             self._progress.update(1)
@@ -232,6 +242,7 @@ class FlexTensorRuntime:
 
     def _stream_whole(self, i: int, buf: int) -> None:
         """Every expert layer ``i``'s cache lacks, each at its own index in buffer ``buf``."""
+        self._prestaged.pop(buf, None)
         layer = self.layers[i]
         uncached = layer.flextensor_uncached
         runs = [(a, a, n) for a, _, n in coalesce(uncached)]
@@ -262,29 +273,43 @@ class FlexTensorRuntime:
     def _copy_routed_experts(self, layer, i, x, topk_weights, topk_ids):
         """Few experts are routed to (``routed_reads: copy``): the host reads the step's
         routing, the copy engine moves the experts the cache lacks into a stream buffer, and
-        hot ones take cache slots after the compute."""
+        hot ones take cache slots after the compute.
+
+        Pre-staging (``prestage_next_layer``): in the same host read, layer ``i + 1``'s
+        router's picks for this layer's hidden states; their uncached experts are copied into
+        the next stream buffer right after this layer's, so they cross PCIe while this layer
+        and the next one's attention compute. Layer ``i + 1`` then copies only what the
+        guess missed. The guess decides which bytes move early, never what is computed."""
         st = self.stats[i]
         st.expert_steps += 1
         policy: ExpertCachePolicy = layer.flextensor_policy
+        s = self.streamer
+        nxt = i + 1 if self._can_prestage(i + 1, x) else None
         t0 = time.perf_counter()
-        ids, counts = torch.unique(topk_ids, return_counts=True)
-        experts, counts = ids.tolist(), counts.tolist()  # host waits for the router here
+        picks, guess = self._routing_to_host(layer, topk_ids, x, nxt)
         st.routing_sync_ms += (time.perf_counter() - t0) * 1e3
-        policy.record(experts, counts)
+        experts = [e for e, n in enumerate(picks) if n]
+        policy.record(experts, [picks[e] for e in experts])
         hits, misses = policy.lookup(experts)
         st.cache_lookups += len(experts)
         st.cache_hits += len(hits)
-        st.experts_streamed += len(misses)
         slots = self.plan.cache_slots
-        s = self.streamer
         buf = i % len(s.buffers)
-        positions = {e: j for j, e in enumerate(misses)}
+        positions = self._take_prestaged(buf, i)  # expert -> position in the buffer
+        st.prestaged_used += sum(1 for e in misses if e in positions)
+        extra = [e for e in misses if e not in positions]
         s.holds[buf] = None
-        if misses:
-            s.stream_runs(buf, layer.flextensor_host, coalesce(misses), st)
+        if extra:
+            first = len(positions)
+            s.stream_runs(buf, layer.flextensor_host, coalesce(extra, first), st)
+            st.experts_streamed += len(extra)
+            positions.update((e, first + j) for j, e in enumerate(extra))
+        if positions:
             s.wait(buf)
+        if nxt is not None:
+            self._prestage(nxt, guess)
         source = s.buffers[buf]
-        slot_map = policy.slot_map(positions, slots)
+        slot_map = policy.slot_map({e: positions[e] for e in misses}, slots)
         layer.flextensor_slot_host.copy_(torch.tensor(slot_map, dtype=torch.int32))
         layer.flextensor_slot_map.copy_(layer.flextensor_slot_host, non_blocking=True)
         out = self._compute(layer, x, topk_weights, topk_ids, layer.flextensor_cache, source,
@@ -297,6 +322,54 @@ class FlexTensorRuntime:
             self._cache_changed(layer)
         s.release(buf)
         return out
+
+    def _can_prestage(self, j: int, x) -> bool:
+        """Whether layer ``j``'s experts can be guessed and staged while the layer before it
+        computes: it exists, has a router that reads these hidden states, and gets a stream
+        buffer of its own."""
+        if j >= len(self.layers) or len(self.streamer.buffers) < 2:
+            return False
+        gate = self.layers[j].flextensor_gate
+        return gate is not None and int(gate.input_size) == x.shape[-1]
+
+    def _routing_to_host(self, layer, topk_ids, x, nxt):
+        """One host sync: this step's picks per expert of ``layer`` and, when ``nxt`` is a
+        layer index, how often layer ``nxt``'s router would pick each of its experts for
+        ``x`` (its top-k logits per token)."""
+        E = layer.local_num_experts
+        rows = torch.zeros((1 if nxt is None else 2, E), dtype=torch.int32, device=x.device)
+        ids = topk_ids.reshape(-1).long()
+        rows[0].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        if nxt is not None:
+            ahead = self.layers[nxt]
+            logits = vllm_compat.router_logits(ahead.flextensor_gate, x)
+            guess = logits.topk(ahead.top_k, dim=-1).indices.reshape(-1)
+            rows[1].index_add_(0, guess, torch.ones_like(guess, dtype=torch.int32))
+        host = rows.tolist()  # the host waits for the router here
+        return host[0], (host[1] if nxt is not None else None)
+
+    def _prestage(self, j: int, guess: list[int]) -> None:
+        """Copy the experts layer ``j``'s cache lacks among ``guess`` (picks per expert) into
+        its stream buffer, packed from position 0, behind the copies already queued."""
+        layer = self.layers[j]
+        policy: ExpertCachePolicy = layer.flextensor_policy
+        staged = [e for e, n in enumerate(guess) if n and e not in policy.slot_of]
+        buf = j % len(self.streamer.buffers)
+        self.streamer.holds[buf] = None
+        if staged:
+            st = self.stats[j]
+            self.streamer.stream_runs(buf, layer.flextensor_host, coalesce(staged), st)
+            st.experts_streamed += len(staged)
+            st.experts_prestaged += len(staged)
+        self._prestaged[buf] = (self.forward_pass, j, {e: p for p, e in enumerate(staged)})
+
+    def _take_prestaged(self, buf: int, i: int) -> dict[int, int]:
+        """What was pre-staged into ``buf`` for layer ``i`` of this forward pass (expert ->
+        position), and the buffer is the caller's from here on."""
+        entry = self._prestaged.pop(buf, None)
+        if entry is None or entry[:2] != (self.forward_pass, i):
+            return {}
+        return dict(entry[2])
 
     @staticmethod
     def _count_routing(layer, topk_ids, touches: bool = False) -> None:

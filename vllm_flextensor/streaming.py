@@ -127,11 +127,11 @@ class CopyTimer:
             self._pending.popleft()
 
 
-def coalesce(experts: list[int]) -> list[tuple[int, int, int]]:
+def coalesce(experts: list[int], first_position: int = 0) -> list[tuple[int, int, int]]:
     """Sorted experts -> ``(first expert, first buffer position, count)`` runs, positions
-    assigned in order (expert ``experts[j]`` lands at position ``j``)."""
+    assigned in order (expert ``experts[j]`` lands at position ``first_position + j``)."""
     runs: list[tuple[int, int, int]] = []
-    for j, e in enumerate(experts):
+    for j, e in enumerate(experts, first_position):
         if runs and runs[-1][0] + runs[-1][2] == e:
             a, b, c = runs[-1]
             runs[-1] = (a, b, c + 1)

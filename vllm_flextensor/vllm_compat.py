@@ -14,6 +14,11 @@
   ``process_weights_after_loading`` is replaced on the instance (checkpoint layout kept).
 - ``vllm.utils.torch_utils.get_accelerator_view_from_cpu_tensor`` (0.26 - 0.33) gives the
   GPU's UVA view of a pinned host tensor.
+- Pre-staging the next MoE layer's experts reads that layer's router: the ``LinearBase`` a
+  MoE block assigns as ``gate`` beside its ``experts`` (prefixes ``<block>.gate`` and
+  ``<block>.experts``, ``output_size`` = the number of experts), seen through the same
+  module-registration hook as dense streaming; calling it returns ``(logits, bias)``. A
+  model without one simply gets no pre-staging (:func:`router_gate`).
 - Dense streaming (``vllm_flextensor/dense_streaming.py``) meets vLLM's linear layers through
   torch's global module-registration hook (no vLLM class is patched or replaced): relied on,
   every linear is a ``vllm.model_executor.layers.linear.LinearBase`` carrying ``prefix``
@@ -27,6 +32,8 @@
 """
 
 from __future__ import annotations
+
+import weakref
 
 from vllm_dwdp import versioning
 from vllm_dwdp.vllm_compat import (  # noqa: F401 (ExpertsMethodProxy: used by moe_layer)
@@ -296,10 +303,35 @@ def _on_module_assigned(parent, name, module):
     linear = sys.modules.get("vllm.model_executor.layers.linear")  # not imported: no linears
     if linear is None or not isinstance(module, linear.LinearBase):
         return None
+    if name == "gate":
+        _ROUTER_GATES[linear_prefix(module)] = module
     from vllm_flextensor import dense_streaming
 
     dense_streaming.on_linear_built(module)
     return None
+
+
+# MoE routers by prefix (``model.layers.3.mlp.gate``), as models assign them; weak, so an
+# engine's modules go with it.
+_ROUTER_GATES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def router_gate(layer):
+    """The router of MoE layer ``layer`` (the linear that maps its hidden states to one logit
+    per expert), or None. vLLM's MoE blocks assign it beside their experts, as ``gate``:
+    ``model.layers.3.mlp.gate`` beside ``model.layers.3.mlp.experts`` (Qwen2/3-MoE,
+    DeepSeek-V2/V3, Mixtral's ``block_sparse_moe``). Called with a ``[tokens, hidden]`` tensor
+    it returns the logits (vLLM's linears return ``(logits, bias)``, see :func:`router_logits`)."""
+    name = getattr(layer, "layer_name", "") or ""
+    gate = _ROUTER_GATES.get(name.rsplit(".", 1)[0] + ".gate") if "." in name else None
+    if gate is None or int(getattr(gate, "output_size", -1)) != int(layer.global_num_experts):
+        return None
+    return gate
+
+
+def router_logits(gate, x):
+    out = gate(x)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def current_vllm_config():

@@ -57,10 +57,11 @@ def check_counters(stats, cache_slots, experts):
 # Each test's engines, by the spec builders below; the module fixture starts them all.
 
 
-def offloaded_specs(moe_checkpoint, kind, cache_slots, **_):
+def offloaded_specs(moe_checkpoint, kind, cache_slots, prestage, **_):
     model = moe_checkpoint(kind)
     budget = budget_for_cache_slots(weights_of(model), cache_slots)
-    return {"stock": stock_spec(model), "flextensor": flex_spec(model, budget)}
+    return {"stock": stock_spec(model),
+            "flextensor": flex_spec(model, budget, prestage_next_layer=prestage)}
 
 
 def compiled_specs(moe_checkpoint, **_):
@@ -101,16 +102,31 @@ engines = module_engines({
 })
 
 
-@pytest.mark.parametrize("kind, cache_slots, experts", [
-    ("qwen3_moe", 2, 8),
-    ("qwen2_moe", 1, 6),   # with a shared expert (run by vLLM itself, resident)
+@pytest.mark.parametrize("kind, cache_slots, experts, prestage", [
+    # Decode steps copy the next layer's guessed experts while a layer computes.
+    ("qwen3_moe", 2, 8, True),
+    # With a shared expert (run by vLLM itself, resident); each decode layer copies only
+    # after its own routing.
+    ("qwen2_moe", 1, 6, False),
 ])
-def test_offloaded_experts_match_stock(moe_checkpoint, engines, kind, cache_slots, experts):
+def test_offloaded_experts_match_stock(moe_checkpoint, engines, kind, cache_slots, experts,
+                                       prestage):
     model = moe_checkpoint(kind)
-    results = run_flextensor_engines(offloaded_specs(moe_checkpoint, kind, cache_slots))
+    results = run_flextensor_engines(offloaded_specs(moe_checkpoint, kind, cache_slots,
+                                                     prestage))
     assert_outputs_equal(results["stock"], results["flextensor"], names=("stock", "flextensor"))
     stats = results["flextensor"]["flextensor_stats"]
     check_counters(stats, cache_slots, experts)
+    totals = stats["totals"]
+    if prestage:
+        # Guesses were staged, and some were what the router then picked: tokens equal to
+        # stock's above means each was read from the buffer position it was copied to.
+        assert totals["experts_prestaged"] > 0
+        assert 0 < totals["prestaged_used"] <= totals["experts_prestaged"]
+        # The first MoE layer of a pass has no layer before it to guess for it.
+        assert stats["layers"][0]["experts_prestaged"] == 0
+    else:
+        assert totals["experts_prestaged"] == 0
     check_homes(results["flextensor"])
     # Every streamed byte is a whole expert's (weights of one expert, fp32).
     expert_bytes = weights_of(model).expert_bytes
