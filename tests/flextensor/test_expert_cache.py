@@ -67,6 +67,8 @@ def test_slot_map_points_at_cache_or_stream_buffer():
 def test_coalesce_runs():
     assert coalesce([1, 2, 3, 6, 8, 9]) == [(1, 0, 3), (6, 3, 1), (8, 4, 2)]
     assert coalesce([]) == []
+    # Behind experts already in the buffer (pre-staged ones at positions 0 and 1).
+    assert coalesce([2, 3, 7], first_position=2) == [(2, 2, 2), (7, 4, 1)]
 
 
 def test_streamer_copies_runs_and_counts_bytes():
