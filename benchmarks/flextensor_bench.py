@@ -327,25 +327,24 @@ def main() -> int:
                   max_model_len=2048 if not args.tiny else 256,
                   max_num_batched_tokens=8192 if not args.tiny else 256)
     engine_kwargs = {} if args.tiny else {"gpu_memory_utilization": args.gpu_memory_utilization}
+
+    def ours(**settings) -> dict:
+        """A FlexTensor variant: the same budget (so the same plan), ``settings`` on top."""
+        return dict(common, engine_kwargs=engine_kwargs, additional_config={"flextensor": {
+            "enabled": True, "gpu_budget_gb": budget_bytes / GiB, **settings}})
+
     specs = {
-        "flextensor": dict(common, engine_kwargs=engine_kwargs, additional_config={
-            "flextensor": {"enabled": True, "gpu_budget_gb": budget_bytes / GiB}}),
+        "flextensor": ours(),
         "cpu_offload_gb": dict(common, engine_kwargs=dict(engine_kwargs,
                                                           cpu_offload_gb=off_bytes / GiB)),
-        # Same plan; no layer copies the next one's guessed experts ahead of its routing.
-        "flextensor_no_prestage": dict(common, engine_kwargs=engine_kwargs, additional_config={
-            "flextensor": {"enabled": True, "gpu_budget_gb": budget_bytes / GiB,
-                           "prestage_next_layer": False}}),
-        # Same plan; decode steps read uncached routed experts over PCIe from the kernel
+        # No layer copies the next one's guessed experts ahead of its routing.
+        "flextensor_no_prestage": ours(prestage_next_layer=False),
+        # Decode steps read uncached routed experts over PCIe from the kernel
         # (routed_reads: in_place, no host sync) instead of copying them after routing.
-        "flextensor_in_place": dict(common, engine_kwargs=engine_kwargs, additional_config={
-            "flextensor": {"enabled": True, "gpu_budget_gb": budget_bytes / GiB,
-                           "routed_reads": "in_place"}}),
-        # Same plan, but the kernel reads uncached experts over PCIe in place (UVA) instead
-        # of copying them into stream buffers: what `mode: unified` does on GH200 / GB10.
-        "flextensor_uva": dict(common, engine_kwargs=engine_kwargs, additional_config={
-            "flextensor": {"enabled": True, "gpu_budget_gb": budget_bytes / GiB,
-                           "mode": "unified"}}),
+        "flextensor_in_place": ours(routed_reads="in_place"),
+        # The kernel reads uncached experts over PCIe in place (UVA) instead of copying them
+        # into stream buffers: what `mode: unified` does on GH200 / GB10.
+        "flextensor_uva": ours(mode="unified"),
     }
     # NVIDIA's flextensor through its vLLM worker. Its budget covers every weight on the GPU
     # (resident ones and its stream blocks), as a fraction of the device's total memory.

@@ -21,13 +21,18 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_flextensor import vllm_compat  # noqa: E402
+
 MiB = 1 << 20
 
 
-def registered(nbytes: int) -> torch.Tensor:
-    t = torch.empty(nbytes, dtype=torch.uint8)
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0x1 | 0x2)
-    assert int(getattr(err, "value", err)) == 0 and t.is_pinned(), err
+def expert_home(nbytes: int) -> torch.Tensor:
+    """Host memory as FlexTensor pins its expert homes (``vllm_compat.host_home``)."""
+    t = vllm_compat.host_home((nbytes,), torch.uint8, torch.device("cuda"))
+    # host_home falls back to torch's allocator if registering fails: that would be the
+    # other row of this table, not this one.
+    assert t.data_ptr() in vllm_compat._REGISTERED, "cudaHostRegister failed"
     return t
 
 
@@ -59,7 +64,7 @@ def main() -> int:
     out = Path(os.environ.get("OUT", "."))
     total = 1 << 30
     dst = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
-    kinds = {"cudaHostRegister (FlexTensor homes)": registered(total),
+    kinds = {"cudaHostRegister (FlexTensor homes)": expert_home(total),
              "cudaHostAlloc (torch pin_memory)": torch.empty(total, dtype=torch.uint8,
                                                              pin_memory=True),
              "pageable": torch.empty(total, dtype=torch.uint8)}
