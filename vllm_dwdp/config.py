@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from vllm_dwdp.plugin_config import (
     PluginConfigError,
     at_least,
-    one_of,
     parse_section,
     setting,
     within,
@@ -22,28 +21,22 @@ class DwdpConfig:
     enabled: bool = setting(False, "turn DWDP on for this engine")
     world_size: int = setting(1, "number of DWDP ranks (one engine per GPU)", at_least(1))
     rank: int = setting(0, "this engine's DWDP rank, 0 .. world_size-1", at_least(0))
-    expert_placement: str = setting(
-        "contiguous",
-        "how experts are split when expert_owners is empty",
-        one_of("contiguous", "round_robin"),
-    )
     expert_owners: list[int] = setting(
-        [], "explicit owner rank of every expert id (overrides expert_placement)"
+        [], "owner rank of every expert id, each rank's experts one run (default: an even "
+        "contiguous split, the first E % N ranks one more)"
     )
     prefetch_depth: int = setting(
-        1, "MoE layers pulled ahead of the one computing (receive buffers = depth + 1)",
+        1, "MoE layers pulled ahead of the one computing (receive slots = depth + 1)",
         within(1, 4),
     )
-    replication: float = setting(
-        0.0, "fraction of remote experts also kept as local copies (memory vs link bytes)",
-        within(0.0, 1.0),
+    group: str = setting(
+        "default", "name of this DWDP group: ranks with the same group on one host find each "
+        "other (letters, digits, '_', '.', '-')"
     )
-    transport: str = setting(
-        "auto", "peer memory: cuda_ipc (GPU), shm (host shared memory, CPU runs), or auto",
-        one_of("auto", "cuda_ipc", "shm"),
+    rendezvous_dir: str = setting(
+        "", "private directory (mode 0700) holding the group's Unix sockets (default: "
+        "$XDG_RUNTIME_DIR/vllm-dwdp, else /tmp/vllm-dwdp-<uid>)"
     )
-    master_addr: str = setting("127.0.0.1", "rendezvous address of rank 0's TCP store")
-    master_port: int = setting(29555, "rendezvous port of rank 0's TCP store", within(1, 65535))
     peer_timeout_s: float = setting(
         30.0, "seconds before a missing or dead peer is reported as an error", at_least(1.0)
     )
@@ -59,6 +52,13 @@ class DwdpConfig:
             raise PluginConfigError(
                 f"expert_owners holds ranks {sorted(set(bad))} outside 0 .. {self.world_size - 1}"
             )
+        from vllm_dwdp.placement import check_owner_runs
+        from vllm_dwdp.rendezvous import GROUP_NAME
+
+        check_owner_runs(self.expert_owners, self.world_size)
+        if not GROUP_NAME.match(self.group):
+            raise PluginConfigError(
+                f"group must be 1-64 letters, digits, '_', '.' or '-', got {self.group!r}")
 
 
 def parse_dwdp_config(additional_config) -> DwdpConfig:

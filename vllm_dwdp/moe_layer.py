@@ -1,51 +1,63 @@
-"""DWDP's MoE layer: vLLM's routed experts, storing only this rank's experts.
+"""DWDP's MoE layer: vLLM's routed experts over composite expert memory.
 
 Follow one token through DWDP in three files:
-1. here, :class:`DwdpRoutedExperts` replaces vLLM's ``RoutedExperts`` (through vLLM's
-   out-of-tree layer registry). It allocates and loads only the local experts, straight
-   from the checkpoint through vLLM's own weight loader, into an exportable slab; vLLM's
-   router still picks ``topk_ids`` for each token. :class:`DwdpExpertsMethod.apply` then runs
-   the token through the split-weight kernel (``kernels/split_moe.py``) over the local
-   experts and the receive slot holding the others.
-2. ``prefetch.py`` fills that receive slot from peers, one layer ahead, on a side stream.
-3. ``peer_memory.py`` maps the peers' slabs (CUDA IPC, or shared memory on CPU).
+1. here, :class:`DwdpRoutedExperts` is vLLM's ``RoutedExperts`` with only this rank's run of
+   experts created and loaded (vLLM's loader and quant method, unchanged, including its post-load
+   step). Once loaded, the layer's per-expert tensors are re-pointed at full ``[E, ...]``
+   composite tensors and the token's ``topk_ids`` go, unmapped, to **vLLM's own MoE kernel**
+   (whatever its quant method picked). The only thing added around the kernel is
+   :meth:`DwdpEngine.run_experts`: wait for this layer's pulled experts, let the slot go after.
+2. ``expert_pages.py`` builds those composite tensors: this rank's pages, zero-copy, between
+   receive-slot pages; ``prefetch.py`` fills a layer's slot from peers one layer ahead.
+3. ``rendezvous.py`` exchanges the pages' file descriptors with the peers over Unix sockets and
+   watches the peers' lives; ``vllm_moe_core/composite_memory.py`` maps the pages (memfd on the
+   host, CUDA VMM on a GPU).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import os
 import signal
 import threading
+import weakref
 
 import torch
 
 from vllm_dwdp import vllm_compat
 from vllm_dwdp.config import DwdpConfig
-from vllm_dwdp.peer_memory import PeerFailure, PeerGroup, layout_slab, view_slab
+from vllm_dwdp.expert_pages import (LayerPages, NotComposable, build_layer, check_same_layout,
+                                    compose_layer, owner_runs, slot_bytes)
 from vllm_dwdp.placement import ExpertPlacement, plan_placement
 from vllm_dwdp.prefetch import ExpertPrefetcher
-from vllm_dwdp_kernels.split_moe import BlockScales, split_moe
+from vllm_dwdp.rendezvous import PeerFailure, PeerGroup
+from vllm_moe_core.composite_memory import memory_for
 
 log = vllm_compat.logger("dwdp")
 RoutedExperts = vllm_compat.routed_experts_class()
 
+# Buffers of vLLM's layer that describe expert placement, not expert weights.
+_MAP_BUFFERS = {"_expert_map", "expert_mask", "expert_global_to_physical",
+                "expert_physical_to_global", "expert_local_to_global"}
+
 
 class DwdpExpertMap:
-    """Stands in for vLLM's ExpertMapManager: global expert id -> local slot, or -1."""
+    """Stands in for vLLM's ExpertMapManager while loading: global id -> index in this rank's
+    run, -1 for the experts other ranks store (vLLM's weight loader skips those)."""
 
     def __init__(self, placement: ExpertPlacement, inner):
         self._inner = inner
         self.placement = placement
-        slot = placement.local_slot()
-        self._map = torch.tensor([slot.get(e, -1) for e in range(placement.num_experts)],
-                                 dtype=torch.int32)
+        self._map = torch.tensor([e - placement.first if placement.first <= e < placement.last
+                                  else -1 for e in range(placement.num_experts)], dtype=torch.int32)
 
-    local_num_experts = property(lambda self: len(self.placement.local_experts))
+    local_num_experts = property(lambda self: self.placement.num_owned)
     expert_map = property(lambda self: self._map)
     expert_mask = property(lambda self: None)
     routing_tables = property(lambda self: None)
+    num_fused_shared_experts = property(lambda self: 0)
 
     def map_global_to_local(self, global_id: int) -> int:
         return int(self._map[global_id])
@@ -64,88 +76,228 @@ class DwdpExpertMap:
         return getattr(self.__dict__["_inner"], name)
 
 
-class DwdpRuntime:
-    """Per-process DWDP state: the peer group, the layers in forward order, the prefetcher."""
+class ComposedExpertMap(DwdpExpertMap):
+    """After composition every expert is addressable here: no map, ids go to the kernel as is."""
 
-    _instance: DwdpRuntime | None = None
+    local_num_experts = property(lambda self: self.placement.num_experts)
+    expert_map = property(lambda self: None)
+
+    def map_global_to_local(self, global_id: int) -> int:
+        return global_id
+
+    def is_local_expert(self, global_id: int) -> bool:
+        return True
+
+    def get_local_expert_ids(self) -> list[int]:
+        return list(range(self.placement.num_experts))
+
+
+class DwdpEngine:
+    """One engine's DWDP state: its layers in forward order, their pages, the peer group and
+    the prefetcher. Kept per vLLM config (a second engine in the process gets its own)."""
+
+    _engines: dict[int, DwdpEngine] = {}
     _lock = threading.Lock()
 
     def __init__(self, cfg: DwdpConfig, cross_step: bool):
         self.cfg = cfg
         self.cross_step = cross_step
         self.layers: list[DwdpRoutedExperts] = []
+        self.pages: dict[str, LayerPages] = {}
         self.loaded = 0
-        self.group: PeerGroup | None = None
-        self.prefetcher: ExpertPrefetcher | None = None
         self.placement: ExpertPlacement | None = None
+        self.group: PeerGroup | None = None
+        self.memory = None
+        self.prefetcher: ExpertPrefetcher | None = None
         self.metrics = None
+        self.closed = False
 
     @classmethod
-    def get(cls) -> DwdpRuntime | None:
-        return cls._instance
+    def for_current_engine(cls, cfg: DwdpConfig) -> DwdpEngine:
+        """The engine being built in this process (keyed to its vLLM config object)."""
+        from vllm.config import get_current_vllm_config
 
-    @classmethod
-    def create(cls, cfg: DwdpConfig, cross_step: bool) -> DwdpRuntime:
+        vllm_config = get_current_vllm_config()
+        key = id(vllm_config)
         with cls._lock:
-            if cls._instance is None or cls._instance.cfg != cfg:
-                cls._instance = cls(cfg, cross_step)
-            return cls._instance
+            engine = cls._engines.get(key)
+            if engine is None:
+                engine = cls._engines[key] = cls(cfg, cross_step=vllm_compat.is_eager())
+                weakref.finalize(vllm_config, cls._forget, key)
+            return engine
 
+    @classmethod
+    def _forget(cls, key: int) -> None:
+        engine = cls._engines.pop(key, None)
+        if engine is not None:
+            engine.close()
+
+    @classmethod
+    def current(cls) -> DwdpEngine | None:
+        """The newest engine of this process (what ``worker_stats`` reports)."""
+        with cls._lock:
+            return next(reversed(cls._engines.values()), None)
+
+    # ---- construction and loading -------------------------------------------------------
     def placement_for(self, num_experts: int) -> ExpertPlacement:
         p = plan_placement(num_experts, self.cfg.world_size, self.cfg.rank,
-                           placement=self.cfg.expert_placement,
-                           expert_owners=self.cfg.expert_owners,
-                           replication=self.cfg.replication)
+                           expert_owners=self.cfg.expert_owners)
         if self.placement is not None and self.placement != p:
-            raise PeerFailure("DWDP needs every MoE layer of the model to have the same number "
-                              "of routed experts")
+            raise NotComposable("DWDP needs every MoE layer of the model to have the same number "
+                                "of routed experts")
         self.placement = p
         return p
 
-    def add_layer(self, layer: DwdpRoutedExperts, device: torch.device) -> None:
+    def add_layer(self, layer: DwdpRoutedExperts) -> None:
         if self.group is None:
-            self.group = PeerGroup(self.cfg, device)
-            self.group.on_failure = _exit_on_peer_failure
-            self.prefetcher = ExpertPrefetcher(self.placement, self.cfg.prefetch_depth, device,
-                                               self.cross_step)
-            self.prefetcher.check_alive = self.group.check_alive
-            self.prefetcher.allocate_slots(layer.dwdp_expert_params())
-            log.info("DWDP rank %d/%d: %d of %d experts per layer stored here (%d replicated), "
-                     "%d pulled per layer through %s, prefetch depth %d",
-                     self.cfg.rank, self.cfg.world_size, self.placement.num_owned,
-                     self.placement.num_experts,
-                     len(self.placement.local_experts) - self.placement.num_owned,
-                     len(self.placement.remote_experts), self.group.transport.name,
-                     self.cfg.prefetch_depth)
+            self.group = PeerGroup(self.cfg.group, self.cfg.rank, self.cfg.world_size,
+                                   self.cfg.peer_timeout_s, self.cfg.rendezvous_dir or None)
+            self.group.on_failure = _stop_on_peer_failure
+        layer.dwdp_index = len(self.layers)
         self.layers.append(layer)
 
-    def layer_loaded(self) -> None:
-        """Called as each layer finishes loading; the last one connects the peers."""
+    def layer_loaded(self, layer: DwdpRoutedExperts) -> None:
+        """After vLLM's post-load step of ``layer``: move its experts into an export segment.
+        The last layer connects the group and composes every layer."""
+        if self.memory is None:
+            self.memory = memory_for(layer.dwdp_device())
+        p = self.placement
+        local = layer.dwdp_local_tensors()
+        pages = build_layer(layer.layer_name, local, p.num_experts, p.first, p.last, self.memory)
+        for t in pages.tensors:  # the loaded tensors are freed; the export holds the experts
+            at = t.export_offset + (p.first * t.expert_bytes - t.own_lo if t.composite else 0)
+            own = pages.export_view[at:at + p.num_owned * t.expert_bytes]
+            _set_tensor(layer, t.name, own.view(getattr(torch, t.dtype)).as_strided(
+                local[t.name].shape, t.stride))
+        self.pages[layer.layer_name] = pages
         self.loaded += 1
         if self.loaded == len(self.layers):
             self._connect()
 
     def _connect(self) -> None:
-        mine = [(layer.dwdp_name, layer.dwdp_handle, layer.dwdp_entries) for layer in self.layers]
-        peers = self.group.publish_and_gather(mine)
+        p, memory, cfg = self.placement, self.memory, self.cfg
+        device = self.layers[0].dwdp_device()
+        num_slots = cfg.prefetch_depth + 1
+        size = max(slot_bytes(pg.tensors, memory.page) for pg in self.pages.values())
+        slots = [memory.create(size, f"slot{s}") for s in range(num_slots)]
         for i, layer in enumerate(self.layers):
-            views = {}
-            for p, published in peers.items():
-                name, handle, entries = published[i]
-                if name != layer.dwdp_name:
-                    raise PeerFailure(
-                        f"DWDP rank {p} has MoE layer {name!r} where rank {self.cfg.rank} has "
-                        f"{layer.dwdp_name!r}: all ranks must serve the same model")
-                views[p] = view_slab(self.group.open(handle), entries)
-            index = self.prefetcher.add_layer(layer.dwdp_name, views)
-            layer.dwdp_index = index
-        self.group.mark_ready()
-        log.info("DWDP rank %d connected to peers %s for %d MoE layers (%.1f MiB pulled per "
-                 "forward pass)", self.cfg.rank, sorted(peers), len(self.layers),
-                 sum(lp.nbytes for lp in self.prefetcher.layers) / 2**20)
+            pages = self.pages[layer.layer_name]
+            compose_layer(pages, slots[i % num_slots], memory, device)
+        manifest = {
+            "memory": memory.kind, "page": memory.page, "device": _device_id(device),
+            "num_experts": p.num_experts, "spans": [list(s) for s in p.spans],
+            "layers": [{"name": layer.layer_name,
+                        "tensors": [t.public() for t in self.pages[layer.layer_name].tensors],
+                        "shared": layer.dwdp_shared_digest(),
+                        "export_bytes": self.pages[layer.layer_name].export.nbytes}
+                       for layer in self.layers]}
+        self.group.publish(manifest, [self.pages[layer.layer_name].export.fd
+                                      for layer in self.layers])
+        peers = self.group.gather()
+        exports = {r: self._map_peer(r, m, fds, manifest) for r, (m, fds) in peers.items()}
+        self.prefetcher = ExpertPrefetcher(cfg.prefetch_depth, device, self.cross_step)
+        self.prefetcher.check_alive = self.group.check_alive
+        for i, layer in enumerate(self.layers):
+            pages = self.pages[layer.layer_name]
+            self._fill_static(pages, i, exports)
+            self.prefetcher.add_layer(layer.layer_name, self._pulls(pages, i, exports))
+            layer.dwdp_compose(pages)
+        for pages in self.pages.values():
+            memory.close_fd(pages.export)
+        for seg in slots:
+            memory.close_fd(seg)
+        self.group.start_watching()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        log.info("DWDP rank %d/%d connected to peers %s (group %r): experts %d-%d of %d stored "
+                 "here for %d MoE layers, %.1f MiB pulled per forward pass into %d receive "
+                 "slots of %.1f MiB (%s pages of %d KiB)", cfg.rank, cfg.world_size, sorted(peers),
+                 cfg.group, p.first, p.last - 1, p.num_experts, len(self.layers),
+                 sum(lp.nbytes for lp in self.prefetcher.layers) / 2**20, num_slots, size / 2**20,
+                 memory.kind, memory.page // 1024)
 
-    def on_forward_start(self) -> None:
-        """Once per forward pass: publish the counters gathered so far (never waits)."""
+    def _map_peer(self, peer: int, m: dict, fds: list[int], mine: dict) -> list[torch.Tensor]:
+        """Check a peer's manifest against ours and map its export segments (read side)."""
+        for key in ("memory", "page", "num_experts", "spans"):
+            if m.get(key) != mine[key]:
+                for fd in fds:
+                    os.close(fd)
+                raise PeerFailure(
+                    f"DWDP rank {peer} has {key} = {m.get(key)!r} where rank {self.cfg.rank} has "
+                    f"{mine[key]!r}: every rank of a group must serve the same model on the same "
+                    f"kind of device, with the same world_size and expert_owners")
+        layers = m.get("layers") or []
+        if [x.get("name") for x in layers] != [x["name"] for x in mine["layers"]] or \
+                len(fds) != len(layers):
+            raise PeerFailure(
+                f"DWDP rank {peer} has MoE layers {[x.get('name') for x in layers][:4]}... where "
+                f"rank {self.cfg.rank} has {[x['name'] for x in mine['layers']][:4]}...: all ranks "
+                f"must serve the same model")
+        views = []
+        for layer, theirs, fd in zip(self.layers, layers, fds):
+            pages = self.pages[layer.layer_name]
+            check_same_layout(layer.layer_name, pages.tensors, theirs["tensors"], peer,
+                              self.cfg.rank)
+            if theirs.get("shared") != layer.dwdp_shared_digest():
+                raise NotComposable(
+                    f"{layer.layer_name}: a tensor vLLM's quant method computed over all of a "
+                    f"rank's experts (e.g. one activation scale for every expert) differs between "
+                    f"rank {peer} and rank {self.cfg.rank}, so this checkpoint's format cannot be "
+                    f"split over DWDP ranks; serve it without DWDP")
+            seg = self.memory.import_fd(fd, int(theirs["export_bytes"]))
+            views.append((self.memory.tensor(self.memory.map_whole(seg), seg.nbytes),
+                          {t["name"]: t for t in theirs["tensors"]}))
+            self.memory.close_fd(seg)
+        return views
+
+    def _source(self, exports, layer_index: int, name: str, run) -> torch.Tensor:
+        """Bytes ``[run.start, run.stop)`` of tensor ``name`` in ``run.owner``'s export."""
+        view, tensors = exports[run.owner][layer_index]
+        t = tensors[name]
+        at = int(t["export_offset"]) + run.start - int(t["own_lo"])
+        return view[at:at + run.stop - run.start]
+
+    def _fill_static(self, pages: LayerPages, i: int, exports) -> None:
+        """Once: neighbours' bytes on this rank's edge pages, and every replicated tensor."""
+        spans = list(self.placement.spans)
+        p = self.placement
+        for t in pages.tensors:
+            raw = pages.ranges[t.name]
+            eb = t.expert_bytes
+            if t.composite:
+                ranges = [(t.own_lo, p.first * eb), (p.last * eb, min(t.own_hi, t.total_bytes))]
+            else:
+                ranges = [(0, p.first * eb), (p.last * eb, t.total_bytes)]
+            for a, b in ranges:
+                for run in owner_runs(a, b, eb, spans):
+                    raw[run.start:run.stop].copy_(self._source(exports, i, t.name, run))
+
+    def _pulls(self, pages: LayerPages, i: int, exports) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What a forward pass pulls into layer ``i``'s slot: everything outside its own pages."""
+        spans, copies = list(self.placement.spans), []
+        for t in pages.tensors:
+            if not t.composite:
+                continue
+            raw = pages.ranges[t.name]
+            for a, b in ((0, t.own_lo), (t.own_hi, t.total_bytes)):
+                for run in owner_runs(a, b, t.expert_bytes, spans):
+                    copies.append((raw[run.start:run.stop],
+                                   self._source(exports, i, t.name, run)))
+        return copies
+
+    # ---- forward ---------------------------------------------------------------------------
+    def run_experts(self, layer: DwdpRoutedExperts, compute):
+        """``compute()`` is vLLM's kernel over ``layer``'s composite tensors: make it wait for
+        the layer's pulled experts, and free the slot for a layer further on afterwards."""
+        i = layer.dwdp_index
+        if i == 0:
+            self._on_forward_start()
+        self.prefetcher.acquire(i)
+        out = compute()
+        self.prefetcher.release(i)
+        return out
+
+    def _on_forward_start(self) -> None:
         if self.metrics is None:
             from vllm_dwdp.metrics import MetricsPublisher
 
@@ -161,24 +313,47 @@ class DwdpRuntime:
         return [dict(layer=lp.name, **vars(st))
                 for lp, st in zip(self.prefetcher.layers, self.prefetcher.stats)]
 
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.group is not None:
+            self.group.close()
+
 
 def worker_stats(worker=None) -> list[dict]:
     """Per-layer DWDP counters of this worker: ``llm.collective_rpc(worker_stats)``."""
-    runtime = DwdpRuntime.get()
-    return runtime.stats() if runtime is not None else []
+    engine = DwdpEngine.current()
+    return engine.stats() if engine is not None else []
 
 
-def _exit_on_peer_failure(message: str) -> None:
+def _stop_on_peer_failure(message: str) -> None:
     """A peer is gone: stop this engine too (after a moment, so a running step can raise)."""
+    log.error(message)
+
     def stop():
         log.error("Stopping this DWDP engine: %s", message)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Timer(2.0, stop).start()
+    threading.Timer(1.0, stop).start()
+
+
+def _device_id(device: torch.device) -> str:
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_properties(device).uuid)
+    return "cpu"
+
+
+def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    current = getattr(module, name)
+    if isinstance(current, torch.nn.Parameter):
+        current.data = value
+    else:
+        module._buffers[name] = value
 
 
 class DwdpRoutedExperts(RoutedExperts):
-    """vLLM's RoutedExperts; with DWDP on, it holds only this rank's experts.
+    """vLLM's RoutedExperts; with DWDP on, it stores only this rank's run of experts.
 
     It is the one out-of-tree replacement of RoutedExperts in this package: with FlexTensor
     on instead, it hands the layer to ``vllm_flextensor.moe_layer``; with neither, it is
@@ -192,69 +367,109 @@ class DwdpRoutedExperts(RoutedExperts):
             vllm_compat.check_one_plugin_enabled(cfg, offload)  # refused at start-up already
             from vllm_flextensor.moe_layer import init_offloaded_experts
 
-            self.dwdp_runtime = None
+            self.dwdp_engine = None
             init_offloaded_experts(self, super().__init__, args, kwargs, offload)
             return
         if not cfg.enabled:
             super().__init__(*args, **kwargs)
-            self.dwdp_runtime = None
+            self.dwdp_engine = None
             return
         bound = inspect.signature(RoutedExperts.__init__).bind(self, *args, **kwargs)
         moe_config = bound.arguments["moe_config"]
         vllm_compat.check_dwdp_moe_config(moe_config, bound.arguments.get("quant_config"))
-        runtime = DwdpRuntime.create(cfg, cross_step=vllm_compat.is_eager())
-        placement = runtime.placement_for(moe_config.num_experts)
-        moe_config.num_local_experts = len(placement.local_experts)
+        if getattr(bound.arguments["expert_map_manager"], "num_fused_shared_experts", 0):
+            raise NotComposable("DWDP does not split layers whose shared experts vLLM fused into "
+                                "the routed experts' tensors; serve this model without DWDP")
+        engine = DwdpEngine.for_current_engine(cfg)
+        placement = engine.placement_for(moe_config.num_experts)
+        moe_config.num_local_experts = placement.num_owned
         bound.arguments["expert_map_manager"] = DwdpExpertMap(
             placement, bound.arguments["expert_map_manager"])
-        args, kwargs = bound.args[1:], bound.kwargs
-        super().__init__(*args, **kwargs)
-        self.dwdp_fp8_block = vllm_compat.expert_fp8_block_shape(self, "DWDP")
-        self.dwdp_runtime = runtime
-        self.dwdp_name = self.layer_name
-        self.dwdp_index = -1
-        runtime.add_layer(self, self.w13_weight.device)
-        self._move_expert_params_to_slab(runtime.group)
-        vllm_compat.wrap_process_weights_after_loading(self, self._dwdp_after_loading)
+        super().__init__(*bound.args[1:], **bound.kwargs)
+        self.dwdp_engine = engine
+        self.dwdp_expert_names = self._per_expert_names()
+        engine.add_layer(self)
+        vllm_compat.after_process_weights_after_loading(self, self._dwdp_after_loading)
 
-    def dwdp_expert_params(self) -> dict[str, torch.Tensor]:
-        """This layer's per-expert parameters (dim 0 = local experts), by name."""
+    # ---- what the quant method created and left --------------------------------------------
+    def _tensors(self):
+        yield from self.named_parameters(recurse=False)
+        yield from ((n, b) for n, b in self.named_buffers(recurse=False) if n not in _MAP_BUFFERS)
+
+    def _per_expert_names(self) -> list[str]:
         n = self.local_num_experts
-        return {name: p.data for name, p in self.named_parameters(recurse=False)
-                if p.dim() >= 1 and p.shape[0] == n}
+        return [name for name, t in self._tensors()
+                if t is not None and t.dim() >= 1 and t.shape[0] == n]
 
-    def _move_expert_params_to_slab(self, group: PeerGroup) -> None:
-        # Parameters are still unloaded here: re-point them into one exportable slab, so the
-        # checkpoint loader writes straight into memory peers can read. No copy, no 2x peak.
-        params = {name: p for name, p in self.named_parameters(recurse=False)
-                  if p.dim() >= 1 and p.shape[0] == self.local_num_experts}
-        entries, nbytes = layout_slab({name: p.data for name, p in params.items()})
-        slab, handle = group.allocate(self.layer_name.replace("/", "_"), nbytes)
-        views = view_slab(slab, entries)
-        for name, p in params.items():
-            p.data = views[name]
-        self.dwdp_handle, self.dwdp_entries = handle, entries
+    def dwdp_device(self) -> torch.device:
+        return self.w13_weight.device
 
-    def _dwdp_after_loading(self, inner_method) -> None:
-        """Replaces the quant method's post-load step: keep the plain layout, go DWDP."""
-        self.quant_method = DwdpExpertsMethod(inner_method, self)
+    def dwdp_local_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's experts of every per-expert tensor, as vLLM's post-load step left them."""
+        n = self.local_num_experts
+        names = dict.fromkeys(self.dwdp_expert_names)
+        for name, t in self._tensors():  # tensors the post-load step added
+            if t is not None and t.dim() >= 1 and t.shape[0] == n:
+                names.setdefault(name)
+        out = {}
+        for name in names:
+            t = getattr(self, name, None)
+            if t is None:
+                continue
+            if t.dim() < 1 or t.shape[0] != n:
+                raise NotComposable(
+                    f"{self.layer_name}.{name} has shape {tuple(t.shape)} after vLLM's post-load "
+                    f"step ({type(self.quant_method).__name__}), no longer one entry per expert: "
+                    f"this MoE backend's layout cannot be split over DWDP ranks; serve this "
+                    f"model without DWDP or pick another MoE backend")
+            out[name] = t.data if isinstance(t, torch.nn.Parameter) else t
+        return out
+
+    def dwdp_shared_digest(self) -> str:
+        """Digest of the layer's tensors that are not per expert (must match on every rank)."""
+        h = hashlib.sha256()
+        experts = set(self.dwdp_expert_names) | set(self.dwdp_engine.pages[self.layer_name].views)
+        for name, t in sorted(self._tensors(), key=lambda x: x[0]):
+            if t is None or name in experts:
+                continue
+            h.update(name.encode())
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+                     if t.numel() else b"")
+        return h.hexdigest()
+
+    # ---- after loading ---------------------------------------------------------------------
+    def _dwdp_after_loading(self) -> None:
+        self.dwdp_engine.layer_loaded(self)
+
+    def dwdp_compose(self, pages: LayerPages) -> None:
+        """Point every per-expert tensor at its full composite view; from here the layer looks
+        like one holding every expert, to vLLM's kernel and to everything else."""
+        for name, view in pages.views.items():
+            _set_tensor(self, name, view)
+        placement = self.dwdp_engine.placement
+        self.expert_map_manager = ComposedExpertMap(placement, self.expert_map_manager._inner)
+        self.moe_config.num_local_experts = placement.num_experts
+        self.update_expert_map_info()
+        self.quant_method = DwdpExpertsMethod(self.quant_method)
         vllm_compat.make_routed_experts_opaque(
-            self, functools.partial(DwdpExpertsMethod.compute, self))
-        self.dwdp_runtime.layer_loaded()
+            self, functools.partial(DwdpExpertsMethod.compute, weakref.proxy(self)))
 
 
 class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
-    """The routed-experts compute of a DWDP layer; anything else goes to vLLM's own method."""
+    """vLLM's own quant method of the layer; only ``apply`` is wrapped, to order the pulls."""
 
-    def __init__(self, inner, layer: DwdpRoutedExperts):
+    def __init__(self, inner):
         super().__init__()
+        if inner.is_monolithic:
+            raise NotComposable(
+                f"vLLM picked a monolithic MoE kernel ({type(inner).__name__}: routing and experts "
+                f"in one call) for this model; DWDP needs the router's expert ids before the "
+                f"experts run. Choose another MoE backend (VLLM_*_MOE_BACKEND) or serve without "
+                f"DWDP")
         self.inner = inner
-        placement = layer.dwdp_runtime.placement
-        slot = torch.full((placement.num_experts,), -1, dtype=torch.int32)
-        for i, e in enumerate(placement.local_experts + placement.remote_experts):
-            slot[e] = i
-        layer.register_buffer("dwdp_slot_of_expert", slot.to(layer.w13_weight.device),
-                              persistent=False)
+
+    moe_kernel = property(lambda self: self.inner.moe_kernel)
+    topk_indices_dtype = property(lambda self: self.inner.topk_indices_dtype)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None,
               shared_experts_input=None):
@@ -262,20 +477,7 @@ class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
 
     @staticmethod
     def compute(layer, x, topk_weights, topk_ids):
-        """The routed experts of ``x``'s tokens, run by the opaque op (or directly)."""
-        runtime = layer.dwdp_runtime
-        prefetcher = runtime.prefetcher
-        i = layer.dwdp_index
-        if i == 0:
-            runtime.on_forward_start()
-        recv = prefetcher.acquire(i)
-        scales = None
-        if layer.dwdp_fp8_block is not None:  # block-FP8 experts: weights and their scales
-            scales = BlockScales(layer.w13_weight_scale_inv, layer.w2_weight_scale_inv,
-                                 recv["w13_weight_scale_inv"], recv["w2_weight_scale_inv"],
-                                 *layer.dwdp_fp8_block,
-                                 ue8m0=vllm_compat.fp8_activation_scales_ue8m0(x.device.type))
-        out = split_moe(x, topk_weights, topk_ids, layer.w13_weight, layer.w2_weight,
-                        recv["w13_weight"], recv["w2_weight"], layer.dwdp_slot_of_expert, scales)
-        prefetcher.release(i)
-        return out
+        """The routed experts of ``x``'s tokens by vLLM's kernel, run by the opaque op."""
+        inner = layer.quant_method.inner
+        return layer.dwdp_engine.run_experts(
+            layer, lambda: inner.apply(layer, x, topk_weights, topk_ids, None, None))

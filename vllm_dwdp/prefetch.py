@@ -1,8 +1,8 @@
 """The pull pipeline: remote experts of layer l+1.. arrive while layer l computes.
 
-One :class:`ExpertPrefetcher` per engine process. It owns ``depth + 1`` receive slots (each
-big enough for one layer's remote experts) and, on CUDA, one side stream. For MoE layer i of
-a forward pass, slot ``i % S`` holds its remote experts:
+One :class:`ExpertPrefetcher` per engine. Layer i's remote experts land in receive slot
+``i % S`` (``S = depth + 1``; ``expert_pages.py`` maps slot ``s``'s pages into the composite
+range of every layer with that remainder). On CUDA it owns one side stream:
 
     acquire(i):  the compute stream waits for the event "slot i%S filled with layer i"
     release(i):  the compute stream records "slot i%S consumed"; the side stream waits for
@@ -24,17 +24,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_dwdp.placement import ExpertPlacement
 
 
 @dataclass
 class LayerPulls:
-    """What to copy for one layer: (destination slot tensor name, peer source, runs)."""
+    """What to copy for one layer: (destination bytes in its composite range, source bytes in
+    a peer's mapped export), one pair per contiguous run of one owner's experts."""
 
     name: str
-    # per expert-param name: list of (peer tensor view, src_start, dst_start, count)
-    copies: dict[str, list[tuple[torch.Tensor, int, int, int]]] = field(default_factory=dict)
-    nbytes: int = 0
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(dst.numel() for dst, _ in self.copies)
 
 
 @dataclass
@@ -47,14 +49,11 @@ class LayerStats:
 
 
 class ExpertPrefetcher:
-    def __init__(self, placement: ExpertPlacement, depth: int, device: torch.device,
-                 cross_step: bool):
-        self.placement = placement
+    def __init__(self, depth: int, device: torch.device, cross_step: bool):
         self.num_slots = depth + 1
         self.device = device
         self.cross_step = cross_step
         self.layers: list[LayerPulls] = []
-        self.slots: list[dict[str, torch.Tensor]] = []
         self.stats: list[LayerStats] = []
         self.is_cuda = device.type == "cuda"
         self.holds: list[int | None] = [None] * self.num_slots  # layer index held (eager only)
@@ -69,32 +68,15 @@ class ExpertPrefetcher:
         self._memcpy, self._memcpy_default = _find_memcpy() if self.is_cuda else (None, None)
 
     # ---- set-up -----------------------------------------------------------------------
-    def allocate_slots(self, templates: dict[str, torch.Tensor]) -> None:
-        """Receive slots shaped like ``templates`` (a layer's local expert params)."""
-        n = len(self.placement.remote_experts)
-        self.slots = [
-            {name: torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device)
-             for name, t in templates.items()}
-            for _ in range(self.num_slots)
-        ]
-
-    def add_layer(self, name: str, peer_params: dict[int, dict[str, torch.Tensor]]) -> int:
-        """Register the next MoE layer with its peers' expert params; returns its index."""
-        pulls = LayerPulls(name)
-        for pname in self.slots[0]:
-            runs = []
-            for run in self.placement.pulls:
-                src = peer_params[run.owner][pname]
-                runs.append((src, run.src_start, run.dst_start, run.count))
-                pulls.nbytes += run.count * src[0].numel() * src.element_size()
-            pulls.copies[pname] = runs
-        self.layers.append(pulls)
+    def add_layer(self, name: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Register the next MoE layer (forward order) with its pulls; returns its index."""
+        self.layers.append(LayerPulls(name, copies))
         self.stats.append(LayerStats())
         return len(self.layers) - 1
 
     # ---- forward path -----------------------------------------------------------------
-    def acquire(self, i: int) -> dict[str, torch.Tensor]:
-        """Receive-slot tensors holding layer ``i``'s remote experts, ready for the compute stream."""
+    def acquire(self, i: int) -> None:
+        """Make the compute stream wait until layer ``i``'s remote experts are in its slot."""
         self.check_alive()
         s = i % self.num_slots
         if i == 0:
@@ -110,7 +92,6 @@ class ExpertPrefetcher:
                 arrival.record(compute)
                 entry.append(arrival)
             compute.wait_event(self.filled[s])
-        return self.slots[s]
 
     def release(self, i: int) -> None:
         """Layer ``i`` is done reading its slot: reuse it for the layer ``num_slots`` ahead."""
@@ -131,21 +112,23 @@ class ExpertPrefetcher:
 
     # ---- internals ----------------------------------------------------------------------
     def _start_pass(self) -> None:
+        if self.is_cuda:  # the side stream follows the compute stream (and joins a capture)
+            fork = torch.cuda.Event()
+            fork.record(torch.cuda.current_stream(self.device))
+            self.stream.wait_event(fork)
         for j in range(min(self.num_slots, len(self.layers))):
             if not (self.cross_step and self.holds[j] == j) or self._capturing():
                 self._pull(j, j)
 
     def _pull(self, i: int, s: int) -> None:
-        layer, slot = self.layers[i], self.slots[s]
+        layer = self.layers[i]
         st = self.stats[i]
         st.pulls += 1
         st.bytes_pulled += layer.nbytes
         if not self.is_cuda:
             t0 = time.perf_counter()
-            for pname, runs in layer.copies.items():
-                dst = slot[pname]
-                for src, a, b, n in runs:
-                    dst[b:b + n].copy_(src[a:a + n])
+            for dst, src in layer.copies:
+                dst.copy_(src)
             st.pull_ms += (time.perf_counter() - t0) * 1e3
             self.holds[s] = i
             return
@@ -155,10 +138,8 @@ class ExpertPrefetcher:
             if timing:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(self.stream)
-            for pname, runs in layer.copies.items():
-                dst = slot[pname]
-                for src, a, b, n in runs:
-                    self._copy(dst[b:b + n], src[a:a + n])
+            for dst, src in layer.copies:
+                self._copy(dst, src)
             self.filled[s].record(self.stream)
             if timing:
                 end = torch.cuda.Event(enable_timing=True)

@@ -87,8 +87,8 @@ def install_dwdp() -> None:
 
             check_one_plugin_enabled(cfg, parse_flextensor_config(engine_args.additional_config))
             logger("dwdp").info(
-                "DWDP enabled: rank %d of %d, prefetch depth %d, transport %s",
-                cfg.rank, cfg.world_size, cfg.prefetch_depth, cfg.transport,
+                "DWDP enabled: rank %d of %d in group %r, prefetch depth %d",
+                cfg.rank, cfg.world_size, cfg.group, cfg.prefetch_depth,
             )
             if _LAYER_ERROR is not None:
                 raise _LAYER_ERROR
@@ -243,7 +243,7 @@ def is_eager() -> bool:
 
 def check_dwdp_moe_config(moe_config, quant_config) -> None:
     """Refuse, with the reason, MoE layers this DWDP version does not handle."""
-    from vllm_dwdp.peer_memory import PeerFailure
+    from vllm_dwdp.rendezvous import PeerFailure
 
     par = moe_config.moe_parallel_config
     if par.tp_size != 1 or par.use_ep or par.dp_size != 1:
@@ -251,7 +251,6 @@ def check_dwdp_moe_config(moe_config, quant_config) -> None:
             "DWDP replaces tensor, data and expert parallelism for MoE layers: start each DWDP "
             f"rank as a single-GPU engine (got tp={par.tp_size}, dp={par.dp_size}, "
             f"ep={par.use_ep}); use dwdp.world_size for the number of GPUs")
-    check_split_moe_activation(moe_config, "DWDP")
 
 
 def check_split_moe_activation(moe_config, plugin: str) -> None:
@@ -288,6 +287,18 @@ def wrap_process_weights_after_loading(layer, callback) -> None:
 
     def process_weights_after_loading(module):
         callback(method)
+
+    method.process_weights_after_loading = process_weights_after_loading
+
+
+def after_process_weights_after_loading(layer, callback) -> None:
+    """Run ``callback()`` right after vLLM's own post-load step of ``layer``'s quant method."""
+    method = layer.quant_method
+    original = method.process_weights_after_loading
+
+    def process_weights_after_loading(module):
+        original(module)
+        callback()
 
     method.process_weights_after_loading = process_weights_after_loading
 

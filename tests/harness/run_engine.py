@@ -12,7 +12,8 @@ engines compared token by token on the same inputs, whatever they would generate
 before and after generating), ``wait_for`` (a file whose appearance ends the run, for a rank
 that stays idle while a peer works), ``done_file`` (touched after generating), and
 ``linger_s`` (keep serving one small request a second, to see how the engine reacts to a
-peer's death).
+peer's death), ``loop_s`` (keep generating the prompts back to back, printing "generating"
+first: an engine in the middle of requests when a peer dies).
 """
 
 from __future__ import annotations
@@ -60,12 +61,18 @@ def run(spec: dict) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
     if spec.get("done_file"):
         open(spec["done_file"], "w").close()
-    if spec.get("wait_for"):
+    waits = spec.get("wait_for") or []
+    for path in [waits] if isinstance(waits, str) else waits:
         deadline = time.monotonic() + spec.get("wait_timeout_s", 300)
-        while not os.path.exists(spec["wait_for"]):
+        while not os.path.exists(path):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{spec['wait_for']} did not appear")
+                raise TimeoutError(f"{path} did not appear")
             time.sleep(0.2)
+    if spec.get("loop_s"):
+        print("generating", flush=True)
+        loop_until = time.monotonic() + spec["loop_s"]
+        while time.monotonic() < loop_until:
+            llm.generate(prompts, params, use_tqdm=False)
     linger_until = time.monotonic() + spec.get("linger_s", 0)
     while time.monotonic() < linger_until:
         llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])],

@@ -1,0 +1,246 @@
+"""Where a DWDP layer's experts live: one composite range per expert tensor, in global order.
+
+For each MoE layer and each per-expert tensor vLLM's quant method left after its post-load step
+(``w13_weight``, ``w2_weight``, scales...), the range holds ``[E, ...]`` bytes, expert ``e`` at
+``e * expert_bytes``, so vLLM's own kernel reads it as an ordinary tensor and no expert id is
+remapped::
+
+    global bytes   0 ......... own_lo ............... own_hi ......... span
+    pages          | receive slot  |  this rank's pages  |  receive slot  |
+                   (experts before)   (zero-copy, exported) (experts after)
+
+``own_lo`` / ``own_hi`` round this rank's experts ``[first, last)`` out to whole pages. Bytes of a
+neighbour's experts that share an edge page are copied from that neighbour once at start-up (weights
+do not change); everything outside the own pages is pulled before each forward pass into the
+layer's receive slot. Slot ``s``'s physical pages are mapped into every layer ``i`` with
+``i % num_slots == s``, so no address ever changes once the model is loaded.
+
+Tensors whose whole ``[E, ...]`` is under :data:`MIN_COMPOSITE_PAGES` pages (block scales,
+per-expert scalars, biases) are *replicated*: a plain full tensor on every rank, filled from the
+peers once at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_moe_core.composite_memory import Segment, round_up
+
+MIN_COMPOSITE_PAGES = 2
+
+
+class NotComposable(RuntimeError):
+    """A quant method's post-load layout cannot be split per expert."""
+
+
+@dataclass(frozen=True)
+class TensorPages:
+    """One per-expert tensor of one layer: its global shape and where this rank's bytes sit."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]         # global: (E, ...)
+    stride: tuple[int, ...]        # element strides, as vLLM's post-load step left them
+    expert_bytes: int
+    composite: bool
+    own_lo: int                    # composite: page-aligned own range in global bytes;
+    own_hi: int                    # replicated: the own experts' bytes
+    export_offset: int             # where [own_lo, own_hi) starts in the layer's export segment
+    slot_offset: int = 0           # composite: this tensor's part of a receive slot
+
+    @property
+    def total_bytes(self) -> int:
+        return self.shape[0] * self.expert_bytes
+
+    def span(self, page: int) -> int:
+        return round_up(self.total_bytes, page)
+
+    def slot_bytes(self, page: int) -> int:
+        return self.own_lo + self.span(page) - self.own_hi if self.composite else 0
+
+    def public(self) -> dict:
+        """The fields peers compare and read (JSON)."""
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "stride": list(self.stride), "expert_bytes": self.expert_bytes,
+                "composite": self.composite, "own_lo": self.own_lo, "own_hi": self.own_hi,
+                "export_offset": self.export_offset}
+
+
+def experts_dense(t: torch.Tensor) -> bool:
+    """True when ``t``'s experts (dim 0) are back to back and each one is dense in memory."""
+    if t.dim() < 1 or t.stride(0) * t.shape[0] != t.numel():
+        return False
+    dims = sorted(((t.stride(d), t.shape[d]) for d in range(1, t.dim()) if t.shape[d] != 1),
+                  reverse=True)
+    expected = 1
+    for stride, size in reversed(dims):
+        if stride != expected:
+            return False
+        expected *= size
+    return expected == t.stride(0)
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor whose experts are dense (``experts_dense``), in memory order."""
+    nbytes = t.numel() * t.element_size()
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset() * t.element_size(), (nbytes,), (1,))
+
+
+def plan_tensor(name: str, local: torch.Tensor, num_experts: int, first: int, last: int,
+                page: int, export_offset: int) -> TensorPages:
+    """Where ``local`` (this rank's experts ``[first, last)`` of ``name``) goes."""
+    if not experts_dense(local):
+        raise NotComposable(
+            f"{name} has shape {tuple(local.shape)} and strides {tuple(local.stride())} after vLLM's "
+            f"post-load step: its experts are not stored one after another, so DWDP cannot place "
+            f"them in global expert order")
+    eb = local.stride(0) * local.element_size()
+    shape = (num_experts, *local.shape[1:])
+    total = num_experts * eb
+    composite = round_up(total, page) >= MIN_COMPOSITE_PAGES * page
+    if composite:
+        lo = first * eb // page * page
+        hi = min(round_up(last * eb, page), round_up(total, page))
+    else:
+        lo, hi = first * eb, last * eb
+    return TensorPages(name, str(local.dtype).removeprefix("torch."), shape, tuple(local.stride()),
+                       eb, composite, lo, hi, export_offset)
+
+
+@dataclass
+class Run:
+    """Copy global bytes ``[start, stop)`` of one tensor from ``owner``'s export."""
+
+    owner: int
+    start: int
+    stop: int
+
+
+def owner_runs(start: int, stop: int, expert_bytes: int, owners: list[tuple[int, int]]
+               ) -> list[Run]:
+    """Split ``[start, stop)`` by the rank owning each byte; ``owners[r] = (first, last)``."""
+    runs = []
+    for r, (first, last) in enumerate(owners):
+        a, b = max(start, first * expert_bytes), min(stop, last * expert_bytes)
+        if a < b:
+            runs.append(Run(r, a, b))
+    return runs
+
+
+@dataclass
+class LayerPages:
+    """Every per-expert tensor of one MoE layer, this rank's export segment and its ranges."""
+
+    name: str
+    tensors: list[TensorPages]
+    export: Segment
+    export_view: torch.Tensor                   # this process's mapping of ``export``
+    views: dict[str, torch.Tensor] = field(default_factory=dict)   # name -> full [E, ...] tensor
+    ranges: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> uint8 over the range
+
+    def typed(self, t: TensorPages, raw: torch.Tensor) -> torch.Tensor:
+        dtype = getattr(torch, t.dtype)
+        flat = raw[:t.total_bytes].view(dtype)
+        return flat.as_strided(t.shape, t.stride)
+
+
+def plan_layer(name: str, local: dict[str, torch.Tensor], num_experts: int, first: int,
+               last: int, memory) -> tuple[list[TensorPages], int]:
+    """Lay out a layer's tensors in its export segment; returns the plan and segment size."""
+    page, offset, plans = memory.page, 0, []
+    for tname, t in local.items():
+        p = plan_tensor(tname, t, num_experts, first, last, page, offset)
+        plans.append(p)
+        offset = round_up(offset + (p.own_hi - p.own_lo), page)
+    slot = 0
+    for i, p in enumerate(plans):
+        if p.composite:
+            plans[i] = TensorPages(**{**p.__dict__, "slot_offset": slot})
+            slot += p.slot_bytes(page)
+    return plans, max(offset, page)
+
+
+def slot_bytes(plans: list[TensorPages], page: int) -> int:
+    return sum(p.slot_bytes(page) for p in plans if p.composite)
+
+
+def build_layer(name: str, local: dict[str, torch.Tensor], num_experts: int, first: int,
+                last: int, memory) -> LayerPages:
+    """Export segment of one layer with this rank's (post-processed) experts copied in."""
+    plans, nbytes = plan_layer(name, local, num_experts, first, last, memory)
+    export = memory.create(nbytes, name.replace(".", "_"))
+    view = memory.tensor(memory.map_whole(export), export.nbytes)
+    for p in plans:
+        src = raw_bytes(local[p.name])
+        if p.composite:  # own experts sit at their global offset inside the own pages
+            at = p.export_offset + first * p.expert_bytes - p.own_lo
+            view[at:at + src.numel()].copy_(src)
+        else:
+            view[p.export_offset:p.export_offset + src.numel()].copy_(src)
+    return LayerPages(name, plans, export, view)
+
+
+def compose_layer(layer: LayerPages, slot: Segment, memory, device: torch.device) -> None:
+    """Reserve each composite tensor's range and map ``[slot | own pages | slot]`` into it;
+    replicated tensors get a plain full tensor. Fills ``layer.views``."""
+    page = memory.page
+    for p in layer.tensors:
+        if not p.composite:
+            full = torch.zeros(p.total_bytes, dtype=torch.uint8, device=device)
+            full[p.own_lo:p.own_hi].copy_(
+                layer.export_view[p.export_offset:p.export_offset + p.own_hi - p.own_lo])
+            layer.ranges[p.name] = full
+            layer.views[p.name] = layer.typed(p, full)
+            continue
+        span = p.span(page)
+        base = memory.reserve(span)
+        memory.map(base, slot, p.slot_offset, p.own_lo)
+        memory.map(base + p.own_lo, layer.export, p.export_offset, p.own_hi - p.own_lo)
+        memory.map(base + p.own_hi, slot, p.slot_offset + p.own_lo, span - p.own_hi)
+        raw = memory.tensor(base, span)
+        layer.ranges[p.name] = raw
+        layer.views[p.name] = layer.typed(p, raw)
+
+
+def check_same_layout(name: str, mine: list[TensorPages], theirs: list[dict], peer: int,
+                      rank: int) -> None:
+    """Every rank must have left the same per-expert layout (else kernels read garbage)."""
+    keys = ("name", "dtype", "shape", "stride", "expert_bytes", "composite")
+    a = [{k: p.public()[k] for k in keys} for p in mine]
+    b = [{k: t.get(k) for k in keys} for t in theirs]
+    if a != b:
+        diff = next((x, y) for x, y in zip(a, b) if x != y) if len(a) == len(b) else (
+            [x["name"] for x in a], [y["name"] for y in b])
+        raise NotComposable(
+            f"{name}: DWDP rank {peer}'s experts are laid out as {diff[1]} but rank {rank}'s as "
+            f"{diff[0]}. Every rank must run the same model, dtype, quantization and vLLM "
+            f"version (and pick the same MoE backend)")
+
+
+def contiguous_owners(num_experts: int, world_size: int) -> list[tuple[int, int]]:
+    """``[first, last)`` of every rank; the first ``E % N`` ranks hold one more."""
+    base, extra = divmod(num_experts, world_size)
+    out, first = [], 0
+    for r in range(world_size):
+        n = base + (r < extra)
+        out.append((first, first + n))
+        first += n
+    return out
+
+
+def owners_from_placement(owners: tuple[int, ...], world_size: int) -> list[tuple[int, int]]:
+    """Each rank's ``[first, last)``, after checking that every rank owns one contiguous run."""
+    spans = []
+    for r in range(world_size):
+        ids = [e for e, o in enumerate(owners) if o == r]
+        if not ids or ids != list(range(ids[0], ids[-1] + 1)):
+            raise NotComposable(
+                f"DWDP rank {r} owns experts {ids}: composite expert memory keeps experts in "
+                f"global order, so each rank must own one contiguous run of expert ids (use "
+                f"expert_placement 'contiguous', or expert_owners listing each rank's experts "
+                f"together)")
+        spans.append((ids[0], ids[-1] + 1))
+    return spans
