@@ -244,3 +244,55 @@ def owners_from_placement(owners: tuple[int, ...], world_size: int) -> list[tupl
                 f"together)")
         spans.append((ids[0], ids[-1] + 1))
     return spans
+
+
+# ---- a peer's export, as this rank reads it ---------------------------------------------------
+@dataclass
+class PeerExport:
+    """One layer of a peer: its mapped export segment and its tensors' published fields."""
+
+    view: torch.Tensor
+    tensors: dict[str, dict]
+
+    def source(self, name: str, run: Run) -> torch.Tensor:
+        """Global bytes ``[run.start, run.stop)`` of tensor ``name``, inside this export."""
+        t = self.tensors[name]
+        at = int(t["export_offset"]) + run.start - int(t["own_lo"])
+        return self.view[at:at + run.stop - run.start]
+
+
+def map_export(memory, fd: int, nbytes: int, tensors: list[dict]) -> PeerExport:
+    seg = memory.import_fd(fd, nbytes)
+    view = memory.tensor(memory.map_whole(seg), seg.nbytes)
+    memory.close_fd(seg)
+    return PeerExport(view, {t["name"]: t for t in tensors})
+
+
+def _runs(pages: LayerPages, spans, peers: dict[int, PeerExport], which: str):
+    first, last = spans[next(r for r, s in enumerate(spans) if r not in peers)]
+    for t in pages.tensors:
+        eb, raw = t.expert_bytes, pages.ranges[t.name]
+        if which == "static" and t.composite:      # neighbours' bytes on our edge pages
+            ranges = [(t.own_lo, first * eb), (last * eb, min(t.own_hi, t.total_bytes))]
+        elif which == "static":                    # replicated tensors: all of the others
+            ranges = [(0, first * eb), (last * eb, t.total_bytes)]
+        elif t.composite:                          # every forward pass: outside our pages
+            ranges = [(0, t.own_lo), (t.own_hi, t.total_bytes)]
+        else:
+            continue
+        for a, b in ranges:
+            for run in owner_runs(a, b, eb, spans):
+                yield raw[run.start:run.stop], peers[run.owner].source(t.name, run)
+
+
+def fill_static(pages: LayerPages, spans, peers: dict[int, PeerExport]) -> None:
+    """Once at start-up: the bytes that never change hands again."""
+    for dst, src in _runs(pages, spans, peers, "static"):
+        dst.copy_(src)
+
+
+def pull_copies(pages: LayerPages, spans, peers: dict[int, PeerExport]
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(destination, source) byte runs a forward pass pulls into the layer's receive slot."""
+    return list(_runs(pages, spans, peers, "pull"))
+

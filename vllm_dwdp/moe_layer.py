@@ -29,7 +29,8 @@ import torch
 from vllm_dwdp import vllm_compat
 from vllm_dwdp.config import DwdpConfig
 from vllm_dwdp.expert_pages import (LayerPages, NotComposable, build_layer, check_same_layout,
-                                    compose_layer, owner_runs, slot_bytes)
+                                    compose_layer, fill_static, map_export, pull_copies,
+                                    slot_bytes)
 from vllm_dwdp.placement import ExpertPlacement, plan_placement
 from vllm_dwdp.prefetch import ExpertPrefetcher
 from vllm_dwdp.rendezvous import PeerFailure, PeerGroup
@@ -197,10 +198,12 @@ class DwdpEngine:
         exports = {r: self._map_peer(r, m, fds, manifest) for r, (m, fds) in peers.items()}
         self.prefetcher = ExpertPrefetcher(cfg.prefetch_depth, device, self.cross_step)
         self.prefetcher.check_alive = self.group.check_alive
+        spans = list(p.spans)
         for i, layer in enumerate(self.layers):
             pages = self.pages[layer.layer_name]
-            self._fill_static(pages, i, exports)
-            self.prefetcher.add_layer(layer.layer_name, self._pulls(pages, i, exports))
+            peers_i = {r: exports[r][i] for r in exports}
+            fill_static(pages, spans, peers_i)
+            self.prefetcher.add_layer(layer.layer_name, pull_copies(pages, spans, peers_i))
             layer.dwdp_compose(pages)
         for pages in self.pages.values():
             memory.close_fd(pages.export)
@@ -216,7 +219,7 @@ class DwdpEngine:
                  sum(lp.nbytes for lp in self.prefetcher.layers) / 2**20, num_slots, size / 2**20,
                  memory.kind, memory.page // 1024)
 
-    def _map_peer(self, peer: int, m: dict, fds: list[int], mine: dict) -> list[torch.Tensor]:
+    def _map_peer(self, peer: int, m: dict, fds: list[int], mine: dict) -> list:
         """Check a peer's manifest against ours and map its export segments (read side)."""
         for key in ("memory", "page", "num_experts", "spans"):
             if m.get(key) != mine[key]:
@@ -244,46 +247,9 @@ class DwdpEngine:
                     f"rank's experts (e.g. one activation scale for every expert) differs between "
                     f"rank {peer} and rank {self.cfg.rank}, so this checkpoint's format cannot be "
                     f"split over DWDP ranks; serve it without DWDP")
-            seg = self.memory.import_fd(fd, int(theirs["export_bytes"]))
-            views.append((self.memory.tensor(self.memory.map_whole(seg), seg.nbytes),
-                          {t["name"]: t for t in theirs["tensors"]}))
-            self.memory.close_fd(seg)
+            views.append(map_export(self.memory, fd, int(theirs["export_bytes"]),
+                                    theirs["tensors"]))
         return views
-
-    def _source(self, exports, layer_index: int, name: str, run) -> torch.Tensor:
-        """Bytes ``[run.start, run.stop)`` of tensor ``name`` in ``run.owner``'s export."""
-        view, tensors = exports[run.owner][layer_index]
-        t = tensors[name]
-        at = int(t["export_offset"]) + run.start - int(t["own_lo"])
-        return view[at:at + run.stop - run.start]
-
-    def _fill_static(self, pages: LayerPages, i: int, exports) -> None:
-        """Once: neighbours' bytes on this rank's edge pages, and every replicated tensor."""
-        spans = list(self.placement.spans)
-        p = self.placement
-        for t in pages.tensors:
-            raw = pages.ranges[t.name]
-            eb = t.expert_bytes
-            if t.composite:
-                ranges = [(t.own_lo, p.first * eb), (p.last * eb, min(t.own_hi, t.total_bytes))]
-            else:
-                ranges = [(0, p.first * eb), (p.last * eb, t.total_bytes)]
-            for a, b in ranges:
-                for run in owner_runs(a, b, eb, spans):
-                    raw[run.start:run.stop].copy_(self._source(exports, i, t.name, run))
-
-    def _pulls(self, pages: LayerPages, i: int, exports) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """What a forward pass pulls into layer ``i``'s slot: everything outside its own pages."""
-        spans, copies = list(self.placement.spans), []
-        for t in pages.tensors:
-            if not t.composite:
-                continue
-            raw = pages.ranges[t.name]
-            for a, b in ((0, t.own_lo), (t.own_hi, t.total_bytes)):
-                for run in owner_runs(a, b, t.expert_bytes, spans):
-                    copies.append((raw[run.start:run.stop],
-                                   self._source(exports, i, t.name, run)))
-        return copies
 
     # ---- forward ---------------------------------------------------------------------------
     def run_experts(self, layer: DwdpRoutedExperts, compute):

@@ -166,15 +166,22 @@ class PeerGroup:
         return sock
 
     def publish(self, manifest: dict, fds: list[int]) -> None:
-        """What peers get when they connect: ``manifest`` (JSON) and ``fds`` (in order)."""
+        """What peers get when they connect: ``manifest`` (JSON) and ``fds`` (in order). The
+        group keeps its own duplicates of ``fds`` until every peer has them, so the caller
+        may close its descriptors as soon as this returns."""
         with self._lock:
-            self._manifest, self._fds = manifest, list(fds)
+            self._manifest, self._fds = manifest, [os.dup(fd) for fd in fds]
         self._ready.set()
+        if self.world_size == 1:
+            self._close_listener()
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
+            listener = self._listener
+            if listener is None:
+                return
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
@@ -212,11 +219,19 @@ class PeerGroup:
             conn.close()
 
     def _close_listener(self) -> None:
+        """Stop listening, remove the socket's name and close the published descriptors."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+        if listener is None:
+            return
+        listener.close()
         try:
-            self._listener.close()
-        finally:
-            if os.path.lexists(self.path_of(self.rank)):
-                os.unlink(self.path_of(self.rank))
+            os.unlink(self.path_of(self.rank))
+        except FileNotFoundError:
+            pass
 
     # ---- fetching peers' manifests --------------------------------------------------------
     def gather(self) -> dict[int, tuple[dict, list[int]]]:

@@ -63,33 +63,67 @@ def build_qwen2_moe(path: str | Path, *, num_layers: int = 3, num_experts: int =
     return _save(Qwen2MoeForCausalLM, cfg, path, seed)
 
 
-def build_qwen3_moe_fp8(path: str | Path, *, num_layers: int = 3, num_experts: int = 8,
-                        top_k: int = 2, seed: int = 0) -> Path:
-    """Qwen3-MoE whose routed experts are stored as block-scaled FP8 (128 x 128 blocks,
-    ``weight_scale_inv``), the format of the Qwen3-*-FP8 and DeepSeek-V3 checkpoints.
-    Everything else stays bf16 (listed in ``ignored_layers``)."""
+_EXPERT_WEIGHTS = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+
+
+def _qwen3_moe_fp8_experts(path: Path, num_layers: int, num_experts: int, top_k: int,
+                           seed: int, shape: dict, quantize, quantization_config: dict) -> Path:
+    """Qwen3-MoE whose routed experts ``quantize`` rewrites as FP8; everything else stays bf16
+    (listed in ``ignored_layers``)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    path = Path(path)
     if (path / "config.json").exists():
         return path
     cfg = Qwen3MoeConfig(
-        **COMMON, num_hidden_layers=num_layers, intermediate_size=256,
-        moe_intermediate_size=256,  # a multiple of the 128-wide blocks, two K blocks in w2
+        **{**COMMON, "intermediate_size": 256,
+           "moe_intermediate_size": 256,  # a multiple of the 128-wide blocks, two K blocks in w2
+           **shape},
+        num_hidden_layers=num_layers,
         num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
         decoder_sparse_step=1, mlp_only_layers=[],
     )
     _save(Qwen3MoeForCausalLM, cfg, path, seed)
-    _quantize_block_fp8(path, re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$"))
+    quantize(path, _EXPERT_WEIGHTS)
     config = json.loads((path / "config.json").read_text())
     ignored = [f"model.layers.{i}.{m}" for i in range(num_layers) for m in
                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate")]
     config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config={
-        "quant_method": "fp8", "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128], "ignored_layers": ignored})
+        "quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ignored,
+        **quantization_config})
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
+
+
+def build_qwen3_moe_fp8(path: str | Path, *, num_layers: int = 3, num_experts: int = 8,
+                        top_k: int = 2, seed: int = 0, **shape) -> Path:
+    """Qwen3-MoE whose routed experts are stored as block-scaled FP8 (128 x 128 blocks,
+    ``weight_scale_inv``), the format of the Qwen3-*-FP8 and DeepSeek-V3 checkpoints."""
+    return _qwen3_moe_fp8_experts(Path(path), num_layers, num_experts, top_k, seed, shape,
+                                  _quantize_block_fp8, {"weight_block_size": [128, 128]})
+
+
+def build_qwen3_moe_fp8_tensor(path: str | Path, *, num_layers: int = 3, num_experts: int = 8,
+                               top_k: int = 2, seed: int = 0, **shape) -> Path:
+    """Qwen3-MoE whose routed experts are per-tensor FP8: each expert matrix one float32
+    ``weight_scale`` (its largest magnitude over 448), activations quantised dynamically."""
+    return _qwen3_moe_fp8_experts(Path(path), num_layers, num_experts, top_k, seed, shape,
+                                  _quantize_tensor_fp8, {})
+
+
+def _quantize_tensor_fp8(path: Path, weights: re.Pattern) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for f in path.glob("*.safetensors"):
+        out = {}
+        for k, t in load_file(f).items():
+            if weights.search(k):
+                scale = t.float().abs().amax().clamp(min=1e-12) / 448.0
+                out[k] = (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+                out[k.removesuffix("weight") + "weight_scale"] = scale.reshape(())
+            else:
+                out[k] = t.to(torch.bfloat16)
+        save_file(out, f, metadata={"format": "pt"})
 
 
 def build_qwen3(path: str | Path, *, num_layers: int = 3, seed: int = 0, **shape) -> Path:
@@ -170,7 +204,8 @@ def dequantise_block_fp8(fp8_model: str | Path, dst: str | Path) -> Path:
 
 
 BUILDERS = {"qwen3_moe": build_qwen3_moe, "qwen2_moe": build_qwen2_moe,
-            "qwen3_moe_fp8": build_qwen3_moe_fp8, "qwen3": build_qwen3,
+            "qwen3_moe_fp8": build_qwen3_moe_fp8,
+            "qwen3_moe_fp8_tensor": build_qwen3_moe_fp8_tensor, "qwen3": build_qwen3,
             "qwen3_fp8": build_qwen3_fp8}
 
 _WORDS = ("the of and to in is you that it he was for on are as with his they at be this "

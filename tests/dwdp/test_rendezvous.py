@@ -1,0 +1,134 @@
+"""The DWDP rendezvous with real processes: Unix sockets, JSON manifests, memfd descriptors
+passed with SCM_RIGHTS, the composite ranges built from them, and peer-death detection."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import stat
+import time
+
+import pytest
+import torch
+
+from vllm_dwdp.expert_pages import (build_layer, compose_layer, fill_static, map_export,
+                                    pull_copies, slot_bytes)
+from vllm_dwdp.placement import owner_spans
+from vllm_dwdp.rendezvous import PeerFailure, PeerGroup, private_dir
+from vllm_moe_core.composite_memory import HostMemory
+
+E = 7           # experts: 3 ranks own 3 + 2 + 2
+SHAPES = {"w13": (E, 96, 40), "w2": (E, 40, 48), "scale": (E, 3)}  # scale: replicated
+
+
+def full_layer() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+
+
+def _rank(rank: int, world: int, group: str, base: str, out: mp.Queue, linger: float) -> None:
+    try:
+        memory = HostMemory()
+        spans = owner_spans(E, world)
+        first, last = spans[rank]
+        full = full_layer()
+        pages = build_layer("layer0", {k: v[first:last].contiguous() for k, v in full.items()},
+                            E, first, last, memory)
+        slot = memory.create(slot_bytes(pages.tensors, memory.page), "slot")
+        compose_layer(pages, slot, memory, torch.device("cpu"))
+        g = PeerGroup(group, rank, world, timeout_s=30, base_dir=base)
+        g.publish({"tensors": [t.public() for t in pages.tensors],
+                   "export_bytes": pages.export.nbytes}, [pages.export.fd])
+        memory.close_fd(pages.export)
+        peers = {r: map_export(memory, fds[0], m["export_bytes"], m["tensors"])
+                 for r, (m, fds) in g.gather().items()}
+        fill_static(pages, spans, peers)
+        for dst, src in pull_copies(pages, spans, peers):
+            dst.copy_(src)
+        equal = all(torch.equal(pages.views[k], full[k]) for k in full)
+        died = []
+        g.on_failure = lambda why: died.append((time.monotonic(), why))
+        g.start_watching()
+        out.put(("ready", rank, equal, os.getpid(), sorted(os.listdir(g.dir))))
+        deadline = time.monotonic() + linger
+        while time.monotonic() < deadline and not died:
+            time.sleep(0.01)
+        out.put(("done", rank, died[0] if died else None))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out.put(("error", rank, repr(e)))
+
+
+def _start(world, group, base, linger):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, world, group, base, q, linger)) for r in range(world)]
+    for p in procs:
+        p.start()
+    return q, procs
+
+
+def test_three_ranks_compose_every_expert_from_their_peers(tmp_path):
+    """Every rank ends up with the full [E, ...] tensors, bit for bit, and the rendezvous
+    directory is empty once all have connected (nobody listens any more)."""
+    q, procs = _start(3, "g3", str(tmp_path), linger=0)
+    msgs = [q.get(timeout=120) for _ in range(6)]
+    for p in procs:
+        p.join(30)
+    ready = [m for m in msgs if m[0] == "ready"]
+    assert len(ready) == 3, msgs
+    assert all(m[2] for m in ready), "a rank's composite tensors differ from the full layer"
+    assert not os.listdir(tmp_path / "g3")
+    assert stat.S_IMODE(os.stat(tmp_path / "g3").st_mode) == 0o700
+
+
+def test_a_killed_rank_is_reported_by_number_within_a_second(tmp_path):
+    q, procs = _start(2, "gk", str(tmp_path), linger=60)
+    ready = {}
+    while len(ready) < 2:
+        m = q.get(timeout=120)
+        assert m[0] == "ready", m
+        ready[m[1]] = m
+    killed = time.monotonic()
+    os.kill(ready[1][3], signal.SIGKILL)
+    m = q.get(timeout=30)
+    assert m[0] == "done" and m[1] == 0 and m[2] is not None, m
+    when, why = m[2]
+    assert when - killed < 1.0
+    assert f"DWDP rank 1 (pid {ready[1][3]}) exited" in why
+    assert "restart all DWDP ranks together" in why
+    for p in procs:
+        p.join(30)
+
+
+def test_a_missing_rank_times_out_naming_it(tmp_path):
+    g = PeerGroup("gm", 0, 2, timeout_s=1, base_dir=str(tmp_path))
+    g.publish({}, [])
+    with pytest.raises(PeerFailure, match=r"DWDP rank 1 of group 'gm' did not come up within 1 s"):
+        g.gather()
+    g.close()
+    assert not os.listdir(tmp_path / "gm")
+
+
+def test_the_same_rank_twice_is_refused(tmp_path):
+    g = PeerGroup("gd", 0, 2, timeout_s=5, base_dir=str(tmp_path))
+    try:
+        with pytest.raises(PeerFailure, match="rank 0 of group 'gd' is already running"):
+            PeerGroup("gd", 0, 2, timeout_s=5, base_dir=str(tmp_path))
+    finally:
+        g.close()
+
+
+def test_rendezvous_directory_must_be_private(tmp_path):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    with pytest.raises(PeerFailure, match="has mode 755: others may enter it"):
+        private_dir(str(open_dir))
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    with pytest.raises(PeerFailure, match="is not a directory"):
+        private_dir(str(link))
+    with pytest.raises(PeerFailure, match="dwdp.group must be"):
+        PeerGroup("../etc", 0, 2, timeout_s=1, base_dir=str(tmp_path))
