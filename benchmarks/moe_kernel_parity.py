@@ -79,11 +79,10 @@ def peer(args) -> int:
         e = SHAPES[model]["experts"]
         pages = layer_pages(memory, w, e // 2, e, f"{model}.{dtype}")
         del w
-        layers.append({"tensors": [t.public() for t in pages.tensors],
-                       "export_bytes": pages.export.nbytes})
-        fds.append(pages.export.fd)
+        layers.append({"tensors": pages.manifest(memory.page)})
+        fds.append(pages.fds())
     torch.cuda.synchronize()
-    group.publish({"layers": layers}, fds)
+    group.publish({"layers": layers}, [fd for layer_fds in fds for fd in layer_fds])
     group.gather()
     gone = threading.Event()
     group.on_failure = lambda why: gone.set()
@@ -132,7 +131,7 @@ def main(argv=None) -> int:
     from vllm.model_executor.layers.fused_moe import fused_experts
     from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
 
-    from vllm_dwdp.expert_pages import compose_layer, fill_static, map_export, pull_copies, slot_bytes
+    from vllm_dwdp.expert_pages import ReceiveSlot, compose_layer, fill_static, map_export, pull_copies
     from vllm_dwdp.rendezvous import PeerGroup
     from vllm_moe_core.composite_memory import CudaMemory
 
@@ -145,6 +144,7 @@ def main(argv=None) -> int:
     group = PeerGroup(group_name, 0, 2, 600, rdir)
     group.publish({"layers": []}, [])
     (manifest, fds), = group.gather().values()
+    group.wait_served(600)
     rows = []
     try:
         for n, (model, dtype) in enumerate(cases):
@@ -153,10 +153,10 @@ def main(argv=None) -> int:
             spans = [(0, e // 2), (e // 2, e)]
             full = build_weights(shape, dtype, seed=n)
             pages = layer_pages(memory, full, 0, e // 2, f"{model}.{dtype}")
-            slot = memory.create(slot_bytes(pages.tensors, memory.page), "slot")
-            compose_layer(pages, slot, memory, torch.device("cuda", 0))
-            theirs = manifest["layers"][n]
-            peers = {1: map_export(memory, fds[n], theirs["export_bytes"], theirs["tensors"])}
+            compose_layer(pages, ReceiveSlot(memory, n), memory, torch.device("cuda", 0))
+            theirs = manifest["layers"][n]["tensors"]
+            at = sum(len(x["tensors"]) for x in manifest["layers"][:n])
+            peers = {1: map_export(memory, fds[at:at + len(theirs)], theirs)}
             fill_static(pages, spans, peers)
             copies = pull_copies(pages, spans, peers)
             for dst, src in copies:  # the receive slot: experts [E/2, E) from rank 1
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                        "slot_mib_from_peer": round(slot_mib, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del full, comp, q_plain, q_comp
+            full = comp = q_plain = q_comp = None
             torch.cuda.empty_cache()
     finally:
         group.close()

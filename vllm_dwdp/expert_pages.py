@@ -15,6 +15,9 @@ do not change); everything outside the own pages is pulled before each forward p
 layer's receive slot. Slot ``s``'s physical pages are mapped into every layer ``i`` with
 ``i % num_slots == s``, so no address ever changes once the model is loaded.
 
+Every piece mapped into a range is one whole allocation (CUDA maps allocations from their start
+only): a tensor's own pages, and, per slot, its "before" and "after" pages.
+
 Tensors whose whole ``[E, ...]`` is under :data:`MIN_COMPOSITE_PAGES` pages (block scales,
 per-expert scalars, biases) are *replicated*: a plain full tensor on every rank, filled from the
 peers once at start-up.
@@ -47,8 +50,6 @@ class TensorPages:
     composite: bool
     own_lo: int                    # composite: page-aligned own range in global bytes;
     own_hi: int                    # replicated: the own experts' bytes
-    export_offset: int             # where [own_lo, own_hi) starts in the layer's export segment
-    slot_offset: int = 0           # composite: this tensor's part of a receive slot
 
     @property
     def total_bytes(self) -> int:
@@ -60,12 +61,15 @@ class TensorPages:
     def slot_bytes(self, page: int) -> int:
         return self.own_lo + self.span(page) - self.own_hi if self.composite else 0
 
-    def public(self) -> dict:
+    def export_bytes(self, page: int) -> int:
+        return round_up(self.own_hi - self.own_lo, page)
+
+    def public(self, page: int) -> dict:
         """The fields peers compare and read (JSON)."""
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
                 "stride": list(self.stride), "expert_bytes": self.expert_bytes,
                 "composite": self.composite, "own_lo": self.own_lo, "own_hi": self.own_hi,
-                "export_offset": self.export_offset}
+                "export_bytes": self.export_bytes(page)}
 
 
 def experts_dense(t: torch.Tensor) -> bool:
@@ -90,7 +94,7 @@ def raw_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def plan_tensor(name: str, local: torch.Tensor, num_experts: int, first: int, last: int,
-                page: int, export_offset: int) -> TensorPages:
+                page: int) -> TensorPages:
     """Where ``local`` (this rank's experts ``[first, last)`` of ``name``) goes."""
     if not experts_dense(local):
         raise NotComposable(
@@ -107,7 +111,7 @@ def plan_tensor(name: str, local: torch.Tensor, num_experts: int, first: int, la
     else:
         lo, hi = first * eb, last * eb
     return TensorPages(name, str(local.dtype).removeprefix("torch."), shape, tuple(local.stride()),
-                       eb, composite, lo, hi, export_offset)
+                       eb, composite, lo, hi)
 
 
 @dataclass
@@ -132,84 +136,105 @@ def owner_runs(start: int, stop: int, expert_bytes: int, owners: list[tuple[int,
 
 @dataclass
 class LayerPages:
-    """Every per-expert tensor of one MoE layer, this rank's export segment and its ranges."""
+    """Every per-expert tensor of one MoE layer: this rank's export allocations and its ranges."""
 
     name: str
     tensors: list[TensorPages]
-    export: Segment
-    export_view: torch.Tensor                   # this process's mapping of ``export``
+    exports: dict[str, Segment]                 # name -> this rank's pages of that tensor
+    export_views: dict[str, torch.Tensor]       # name -> this process's mapping of them
     views: dict[str, torch.Tensor] = field(default_factory=dict)   # name -> full [E, ...] tensor
     ranges: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> uint8 over the range
 
-    def typed(self, t: TensorPages, raw: torch.Tensor) -> torch.Tensor:
+    def typed(self, t: TensorPages, raw: torch.Tensor, shape=None) -> torch.Tensor:
         dtype = getattr(torch, t.dtype)
-        flat = raw[:t.total_bytes].view(dtype)
-        return flat.as_strided(t.shape, t.stride)
+        return raw.view(dtype).as_strided(shape or t.shape, t.stride)
 
+    def own_experts(self, t: TensorPages, first: int, last: int) -> torch.Tensor:
+        """This rank's experts of ``t`` inside its export (what the layer reads before composing)."""
+        at = first * t.expert_bytes - t.own_lo if t.composite else 0
+        raw = self.export_views[t.name][at:at + (last - first) * t.expert_bytes]
+        return self.typed(t, raw, (last - first, *t.shape[1:]))
 
-def plan_layer(name: str, local: dict[str, torch.Tensor], num_experts: int, first: int,
-               last: int, memory) -> tuple[list[TensorPages], int]:
-    """Lay out a layer's tensors in its export segment; returns the plan and segment size."""
-    page, offset, plans = memory.page, 0, []
-    for tname, t in local.items():
-        p = plan_tensor(tname, t, num_experts, first, last, page, offset)
-        plans.append(p)
-        offset = round_up(offset + (p.own_hi - p.own_lo), page)
-    slot = 0
-    for i, p in enumerate(plans):
-        if p.composite:
-            plans[i] = TensorPages(**{**p.__dict__, "slot_offset": slot})
-            slot += p.slot_bytes(page)
-    return plans, max(offset, page)
+    def fds(self) -> list[int]:
+        return [self.exports[t.name].fd for t in self.tensors]
 
+    def manifest(self, page: int) -> list[dict]:
+        return [t.public(page) for t in self.tensors]
 
-def slot_bytes(plans: list[TensorPages], page: int) -> int:
-    return sum(p.slot_bytes(page) for p in plans if p.composite)
+    def close_fds(self, memory) -> None:
+        for seg in self.exports.values():
+            memory.close_fd(seg)
 
 
 def build_layer(name: str, local: dict[str, torch.Tensor], num_experts: int, first: int,
                 last: int, memory) -> LayerPages:
-    """Export segment of one layer with this rank's (post-processed) experts copied in."""
-    plans, nbytes = plan_layer(name, local, num_experts, first, last, memory)
-    export = memory.create(nbytes, name.replace(".", "_"))
-    view = memory.tensor(memory.map_whole(export), export.nbytes)
+    """This rank's (post-processed) experts of one layer, copied into exportable pages."""
+    plans = [plan_tensor(n, t, num_experts, first, last, memory.page) for n, t in local.items()]
+    pages = LayerPages(name, plans, {}, {})
     for p in plans:
+        seg = memory.create(p.export_bytes(memory.page), f"{name}.{p.name}")
+        view = memory.tensor(memory.map_whole(seg), seg.nbytes)
         src = raw_bytes(local[p.name])
-        if p.composite:  # own experts sit at their global offset inside the own pages
-            at = p.export_offset + first * p.expert_bytes - p.own_lo
-            view[at:at + src.numel()].copy_(src)
-        else:
-            view[p.export_offset:p.export_offset + src.numel()].copy_(src)
-    return LayerPages(name, plans, export, view)
+        at = first * p.expert_bytes - p.own_lo if p.composite else 0
+        view[at:at + src.numel()].copy_(src)
+        pages.exports[p.name], pages.export_views[p.name] = seg, view
+    return pages
 
 
-def compose_layer(layer: LayerPages, slot: Segment, memory, device: torch.device) -> None:
+class ReceiveSlot:
+    """One receive slot: per composite tensor, the pages before and after a rank's own pages.
+    Every layer using the slot maps the same allocations (layers of one model have the same
+    layout; a layer of another size gets allocations of its own)."""
+
+    def __init__(self, memory, index: int):
+        self.memory, self.index = memory, index
+        self.segments: dict[tuple[str, str, int], Segment] = {}
+
+    def segment(self, name: str, part: str, nbytes: int) -> Segment:
+        key = (name, part, nbytes)
+        if key not in self.segments:
+            self.segments[key] = self.memory.create(nbytes, f"slot{self.index}.{name}.{part}")
+        return self.segments[key]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments.values())
+
+    def close_fds(self) -> None:
+        for seg in self.segments.values():
+            self.memory.close_fd(seg)
+
+
+def compose_layer(layer: LayerPages, slot: ReceiveSlot, memory, device: torch.device) -> None:
     """Reserve each composite tensor's range and map ``[slot | own pages | slot]`` into it;
     replicated tensors get a plain full tensor. Fills ``layer.views``."""
     page = memory.page
     for p in layer.tensors:
         if not p.composite:
             full = torch.zeros(p.total_bytes, dtype=torch.uint8, device=device)
-            full[p.own_lo:p.own_hi].copy_(
-                layer.export_view[p.export_offset:p.export_offset + p.own_hi - p.own_lo])
+            full[p.own_lo:p.own_hi].copy_(layer.export_views[p.name][:p.own_hi - p.own_lo])
             layer.ranges[p.name] = full
             layer.views[p.name] = layer.typed(p, full)
             continue
         span = p.span(page)
         base = memory.reserve(span)
-        memory.map(base, slot, p.slot_offset, p.own_lo)
-        memory.map(base + p.own_lo, layer.export, p.export_offset, p.own_hi - p.own_lo)
-        memory.map(base + p.own_hi, slot, p.slot_offset + p.own_lo, span - p.own_hi)
+        if p.own_lo:
+            memory.map(base, slot.segment(p.name, "before", p.own_lo), 0, p.own_lo)
+        memory.map(base + p.own_lo, layer.exports[p.name], 0, p.own_hi - p.own_lo)
+        if span > p.own_hi:
+            memory.map(base + p.own_hi, slot.segment(p.name, "after", span - p.own_hi), 0,
+                       span - p.own_hi)
         raw = memory.tensor(base, span)
         layer.ranges[p.name] = raw
-        layer.views[p.name] = layer.typed(p, raw)
+        layer.views[p.name] = layer.typed(p, raw[:p.total_bytes])
 
 
 def check_same_layout(name: str, mine: list[TensorPages], theirs: list[dict], peer: int,
                       rank: int) -> None:
     """Every rank must have left the same per-expert layout (else kernels read garbage)."""
     keys = ("name", "dtype", "shape", "stride", "expert_bytes", "composite")
-    a = [{k: p.public()[k] for k in keys} for p in mine]
+    a = [{k: getattr(p, k) if k not in ("shape", "stride") else list(getattr(p, k))
+          for k in keys} for p in mine]
     b = [{k: t.get(k) for k in keys} for t in theirs]
     if a != b:
         diff = next((x, y) for x, y in zip(a, b) if x != y) if len(a) == len(b) else (
@@ -220,52 +245,28 @@ def check_same_layout(name: str, mine: list[TensorPages], theirs: list[dict], pe
             f"version (and pick the same MoE backend)")
 
 
-def contiguous_owners(num_experts: int, world_size: int) -> list[tuple[int, int]]:
-    """``[first, last)`` of every rank; the first ``E % N`` ranks hold one more."""
-    base, extra = divmod(num_experts, world_size)
-    out, first = [], 0
-    for r in range(world_size):
-        n = base + (r < extra)
-        out.append((first, first + n))
-        first += n
-    return out
-
-
-def owners_from_placement(owners: tuple[int, ...], world_size: int) -> list[tuple[int, int]]:
-    """Each rank's ``[first, last)``, after checking that every rank owns one contiguous run."""
-    spans = []
-    for r in range(world_size):
-        ids = [e for e, o in enumerate(owners) if o == r]
-        if not ids or ids != list(range(ids[0], ids[-1] + 1)):
-            raise NotComposable(
-                f"DWDP rank {r} owns experts {ids}: composite expert memory keeps experts in "
-                f"global order, so each rank must own one contiguous run of expert ids (use "
-                f"expert_placement 'contiguous', or expert_owners listing each rank's experts "
-                f"together)")
-        spans.append((ids[0], ids[-1] + 1))
-    return spans
-
-
 # ---- a peer's export, as this rank reads it ---------------------------------------------------
 @dataclass
 class PeerExport:
-    """One layer of a peer: its mapped export segment and its tensors' published fields."""
+    """One layer of a peer: its mapped pages per tensor and the tensors' published fields."""
 
-    view: torch.Tensor
+    views: dict[str, torch.Tensor]
     tensors: dict[str, dict]
 
     def source(self, name: str, run: Run) -> torch.Tensor:
         """Global bytes ``[run.start, run.stop)`` of tensor ``name``, inside this export."""
-        t = self.tensors[name]
-        at = int(t["export_offset"]) + run.start - int(t["own_lo"])
-        return self.view[at:at + run.stop - run.start]
+        at = run.start - int(self.tensors[name]["own_lo"])
+        return self.views[name][at:at + run.stop - run.start]
 
 
-def map_export(memory, fd: int, nbytes: int, tensors: list[dict]) -> PeerExport:
-    seg = memory.import_fd(fd, nbytes)
-    view = memory.tensor(memory.map_whole(seg), seg.nbytes)
-    memory.close_fd(seg)
-    return PeerExport(view, {t["name"]: t for t in tensors})
+def map_export(memory, fds: list[int], tensors: list[dict]) -> PeerExport:
+    """Map a peer's pages of one layer (one descriptor per tensor, in order) for reading."""
+    views = {}
+    for t, fd in zip(tensors, fds, strict=True):
+        seg = memory.import_fd(fd, int(t["export_bytes"]))
+        views[t["name"]] = memory.tensor(memory.map_whole(seg), seg.nbytes)
+        memory.close_fd(seg)
+    return PeerExport(views, {t["name"]: t for t in tensors})
 
 
 def _runs(pages: LayerPages, spans, peers: dict[int, PeerExport], which: str):

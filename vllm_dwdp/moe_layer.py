@@ -28,9 +28,9 @@ import torch
 
 from vllm_dwdp import vllm_compat
 from vllm_dwdp.config import DwdpConfig
-from vllm_dwdp.expert_pages import (LayerPages, NotComposable, build_layer, check_same_layout,
-                                    compose_layer, fill_static, map_export, pull_copies,
-                                    slot_bytes)
+from vllm_dwdp.expert_pages import (LayerPages, NotComposable, ReceiveSlot, build_layer,
+                                    check_same_layout, compose_layer, fill_static, map_export,
+                                    pull_copies)
 from vllm_dwdp.placement import ExpertPlacement, plan_placement
 from vllm_dwdp.prefetch import ExpertPrefetcher
 from vllm_dwdp.rendezvous import PeerFailure, PeerGroup
@@ -166,10 +166,7 @@ class DwdpEngine:
         local = layer.dwdp_local_tensors()
         pages = build_layer(layer.layer_name, local, p.num_experts, p.first, p.last, self.memory)
         for t in pages.tensors:  # the loaded tensors are freed; the export holds the experts
-            at = t.export_offset + (p.first * t.expert_bytes - t.own_lo if t.composite else 0)
-            own = pages.export_view[at:at + p.num_owned * t.expert_bytes]
-            _set_tensor(layer, t.name, own.view(getattr(torch, t.dtype)).as_strided(
-                local[t.name].shape, t.stride))
+            _set_tensor(layer, t.name, pages.own_experts(t, p.first, p.last))
         self.pages[layer.layer_name] = pages
         self.loaded += 1
         if self.loaded == len(self.layers):
@@ -179,21 +176,19 @@ class DwdpEngine:
         p, memory, cfg = self.placement, self.memory, self.cfg
         device = self.layers[0].dwdp_device()
         num_slots = cfg.prefetch_depth + 1
-        size = max(slot_bytes(pg.tensors, memory.page) for pg in self.pages.values())
-        slots = [memory.create(size, f"slot{s}") for s in range(num_slots)]
+        slots = [ReceiveSlot(memory, s) for s in range(num_slots)]
         for i, layer in enumerate(self.layers):
-            pages = self.pages[layer.layer_name]
-            compose_layer(pages, slots[i % num_slots], memory, device)
+            compose_layer(self.pages[layer.layer_name], slots[i % num_slots], memory, device)
         manifest = {
             "memory": memory.kind, "page": memory.page, "device": _device_id(device),
             "num_experts": p.num_experts, "spans": [list(s) for s in p.spans],
             "layers": [{"name": layer.layer_name,
-                        "tensors": [t.public() for t in self.pages[layer.layer_name].tensors],
-                        "shared": layer.dwdp_shared_digest(),
-                        "export_bytes": self.pages[layer.layer_name].export.nbytes}
-                       for layer in self.layers]}
-        self.group.publish(manifest, [self.pages[layer.layer_name].export.fd
-                                      for layer in self.layers])
+                        "tensors": self.pages[layer.layer_name].manifest(memory.page),
+                        "shared": layer.dwdp_shared_digest()} for layer in self.layers]}
+        self.group.publish(manifest, [fd for layer in self.layers
+                                      for fd in self.pages[layer.layer_name].fds()])
+        for pages in self.pages.values():
+            pages.close_fds(memory)
         peers = self.group.gather()
         exports = {r: self._map_peer(r, m, fds, manifest) for r, (m, fds) in peers.items()}
         self.prefetcher = ExpertPrefetcher(cfg.prefetch_depth, device, self.cross_step)
@@ -205,10 +200,8 @@ class DwdpEngine:
             fill_static(pages, spans, peers_i)
             self.prefetcher.add_layer(layer.layer_name, pull_copies(pages, spans, peers_i))
             layer.dwdp_compose(pages)
-        for pages in self.pages.values():
-            memory.close_fd(pages.export)
-        for seg in slots:
-            memory.close_fd(seg)
+        for slot in slots:
+            slot.close_fds()
         self.group.start_watching()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -216,7 +209,8 @@ class DwdpEngine:
                  "here for %d MoE layers, %.1f MiB pulled per forward pass into %d receive "
                  "slots of %.1f MiB (%s pages of %d KiB)", cfg.rank, cfg.world_size, sorted(peers),
                  cfg.group, p.first, p.last - 1, p.num_experts, len(self.layers),
-                 sum(lp.nbytes for lp in self.prefetcher.layers) / 2**20, num_slots, size / 2**20,
+                 sum(lp.nbytes for lp in self.prefetcher.layers) / 2**20, num_slots,
+                 slots[0].nbytes / 2**20,
                  memory.kind, memory.page // 1024)
 
     def _map_peer(self, peer: int, m: dict, fds: list[int], mine: dict) -> list:
@@ -230,14 +224,16 @@ class DwdpEngine:
                     f"{mine[key]!r}: every rank of a group must serve the same model on the same "
                     f"kind of device, with the same world_size and expert_owners")
         layers = m.get("layers") or []
+        counts = [len(x.get("tensors") or []) for x in layers]
         if [x.get("name") for x in layers] != [x["name"] for x in mine["layers"]] or \
-                len(fds) != len(layers):
+                len(fds) != sum(counts):
             raise PeerFailure(
                 f"DWDP rank {peer} has MoE layers {[x.get('name') for x in layers][:4]}... where "
                 f"rank {self.cfg.rank} has {[x['name'] for x in mine['layers']][:4]}...: all ranks "
                 f"must serve the same model")
-        views = []
-        for layer, theirs, fd in zip(self.layers, layers, fds):
+        views, at = [], 0
+        for layer, theirs, n in zip(self.layers, layers, counts):
+            layer_fds, at = fds[at:at + n], at + n
             pages = self.pages[layer.layer_name]
             check_same_layout(layer.layer_name, pages.tensors, theirs["tensors"], peer,
                               self.cfg.rank)
@@ -247,8 +243,7 @@ class DwdpEngine:
                     f"rank's experts (e.g. one activation scale for every expert) differs between "
                     f"rank {peer} and rank {self.cfg.rank}, so this checkpoint's format cannot be "
                     f"split over DWDP ranks; serve it without DWDP")
-            views.append(map_export(self.memory, fd, int(theirs["export_bytes"]),
-                                    theirs["tensors"]))
+            views.append(map_export(self.memory, layer_fds, theirs["tensors"]))
         return views
 
     # ---- forward ---------------------------------------------------------------------------

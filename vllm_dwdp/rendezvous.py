@@ -128,6 +128,7 @@ class PeerGroup:
         self._manifest: dict | None = None
         self._fds: list[int] = []
         self._ready = threading.Event()
+        self._all_served = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._listener = self._listen()
@@ -174,6 +175,11 @@ class PeerGroup:
         self._ready.set()
         if self.world_size == 1:
             self._close_listener()
+            self._all_served.set()
+
+    def wait_served(self, timeout: float) -> bool:
+        """Wait until every peer has fetched this rank's manifest and descriptors."""
+        return self._all_served.wait(timeout)
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
@@ -215,6 +221,7 @@ class PeerGroup:
                 done = len(self._served) == self.world_size - 1
             if done:  # every peer has what it needs: stop listening
                 self._close_listener()
+                self._all_served.set()
         except (OSError, ValueError, PeerFailure):
             conn.close()
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.harness import pool
-from tests.harness.equality import (PROMPTS, assert_outputs_equal, kill_engine, one_rank_spec,
+from tests.harness.equality import (PROMPTS, assert_outputs_equal, kill_engine,
                                     run_engines, start_engine, stock_spec, wait_engine)
 
 _groups = itertools.count()

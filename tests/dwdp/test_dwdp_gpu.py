@@ -12,7 +12,6 @@ experts each forward pass, not only edge pages filled at start-up.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 

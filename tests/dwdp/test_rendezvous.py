@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from vllm_dwdp.expert_pages import (build_layer, compose_layer, fill_static, map_export,
-                                    pull_copies, slot_bytes)
+from vllm_dwdp.expert_pages import (ReceiveSlot, build_layer, compose_layer, fill_static,
+                                    map_export, pull_copies)
 from vllm_dwdp.placement import owner_spans
 from vllm_dwdp.rendezvous import PeerFailure, PeerGroup, private_dir
 from vllm_moe_core.composite_memory import HostMemory
@@ -35,14 +35,11 @@ def _rank(rank: int, world: int, group: str, base: str, out: mp.Queue, linger: f
         full = full_layer()
         pages = build_layer("layer0", {k: v[first:last].contiguous() for k, v in full.items()},
                             E, first, last, memory)
-        slot = memory.create(slot_bytes(pages.tensors, memory.page), "slot")
-        compose_layer(pages, slot, memory, torch.device("cpu"))
+        compose_layer(pages, ReceiveSlot(memory, 0), memory, torch.device("cpu"))
         g = PeerGroup(group, rank, world, timeout_s=30, base_dir=base)
-        g.publish({"tensors": [t.public() for t in pages.tensors],
-                   "export_bytes": pages.export.nbytes}, [pages.export.fd])
-        memory.close_fd(pages.export)
-        peers = {r: map_export(memory, fds[0], m["export_bytes"], m["tensors"])
-                 for r, (m, fds) in g.gather().items()}
+        g.publish({"tensors": pages.manifest(memory.page)}, pages.fds())
+        pages.close_fds(memory)
+        peers = {r: map_export(memory, fds, m["tensors"]) for r, (m, fds) in g.gather().items()}
         fill_static(pages, spans, peers)
         for dst, src in pull_copies(pages, spans, peers):
             dst.copy_(src)
@@ -50,7 +47,8 @@ def _rank(rank: int, world: int, group: str, base: str, out: mp.Queue, linger: f
         died = []
         g.on_failure = lambda why: died.append((time.monotonic(), why))
         g.start_watching()
-        out.put(("ready", rank, equal, os.getpid(), sorted(os.listdir(g.dir))))
+        served = g.wait_served(30)
+        out.put(("ready", rank, equal and served, os.getpid(), sorted(os.listdir(g.dir))))
         deadline = time.monotonic() + linger
         while time.monotonic() < deadline and not died:
             time.sleep(0.01)
