@@ -5,7 +5,8 @@ Two processes on one GPU, each a DWDP rank of a two-rank group: rank 1 stores ex
 stores ``[0, E/2)`` and maps rank 1's pages, builds the layer's composite ``[E, ...]`` tensors
 (``vllm_dwdp/expert_pages.py``: own pages + one receive slot) and fills the slot with one pull
 from rank 1. It then times vLLM's ``fused_experts`` (the Triton fused MoE) on the composite
-tensors and on plain tensors holding the same bytes, alternately, with CUDA events, and checks
+tensors and on plain tensors holding the same bytes, alternately, with CUDA events over CUDA-graph
+replays (the kernels' time, not Python's launch overhead), and checks
 both give bit-identical outputs. ``ratio`` is ``stock_ms / dwdp_ms`` (1.0: the same speed).
 
     python benchmarks/moe_kernel_parity.py --out benchmarks/results/moe_kernel_parity_h200.json
@@ -91,18 +92,37 @@ def peer(args) -> int:
     return 0
 
 
-def time_pair(fns, reps: int, rounds: int) -> list[float]:
-    """Median ms of each function; the functions alternate within every round."""
+def graphed(fn, reps: int):
+    """``fn`` called ``reps`` times, captured in one CUDA graph: replays time the kernels
+    alone, without the host's launch work (which dominates at a few tokens)."""
     import torch
 
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return graph.replay
+
+
+def time_pair(fns, reps: int, rounds: int) -> list[float]:
+    """Median ms of one call of each function, timed with CUDA events over graph replays of
+    ``reps`` calls; the functions alternate within every round."""
+    import torch
+
+    replays = [graphed(fn, reps) for fn in fns]
     samples = [[] for _ in fns]
     for _ in range(rounds):
-        for k, fn in enumerate(fns):
-            fn()
+        for k, replay in enumerate(replays):
+            replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(reps):
-                fn()
+            replay()
             end.record()
             end.synchronize()
             samples[k].append(start.elapsed_time(end) / reps)
@@ -192,7 +212,7 @@ def main(argv=None) -> int:
                                          quant_config=q_comp)
 
                 equal = torch.equal(stock(), dwdp())
-                reps = max(3, min(50, 40000 // max(tokens, 1)))
+                reps = max(4, min(64, 40000 // max(tokens, 1)))
                 stock_ms, dwdp_ms = time_pair([stock, dwdp], reps, args.rounds)
                 row = {"model": model, "dtype": dtype, "tokens": tokens,
                        "dwdp_ms": round(dwdp_ms, 4), "stock_ms": round(stock_ms, 4),

@@ -44,16 +44,15 @@ def build_qwen3_moe(path: str | Path, *, num_layers: int = 3, num_experts: int =
 
 
 def build_qwen2_moe(path: str | Path, *, num_layers: int = 3, num_experts: int = 6,
-                    top_k: int = 2, seed: int = 0) -> Path:
-    """Qwen2-MoE: routed experts plus a gated shared expert in every layer."""
+                    top_k: int = 2, seed: int = 0, **shape) -> Path:
+    """Qwen2-MoE: routed experts plus a gated shared expert in every layer. ``shape``
+    overrides config keys (``hidden_size=1024``...) for bigger layers."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     cfg = Qwen2MoeConfig(
-        **COMMON,
+        **{**COMMON, "intermediate_size": 256, "moe_intermediate_size": 64,
+           "shared_expert_intermediate_size": 96, **shape},
         num_hidden_layers=num_layers,
-        intermediate_size=256,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=96,
         num_experts=num_experts,
         num_experts_per_tok=top_k,
         norm_topk_prob=False,
