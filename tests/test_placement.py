@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_dwdp.placement import check_owner_runs, plan_placement
-from vllm_dwdp.plugin_config import PluginConfigError
+from vllm_dwdp.placement import plan_placement
+from vllm_moe_core.config import PluginConfigError
 
 
 @pytest.mark.parametrize("num_experts, world_size", [(8, 2), (7, 2), (128, 4), (10, 3), (60, 8)])
@@ -27,8 +27,8 @@ def test_explicit_owners_and_their_errors():
     with pytest.raises(PluginConfigError, match="lists 3 owners but the model has 4 experts"):
         plan_placement(4, 2, 0, expert_owners=[0, 1, 1])
     with pytest.raises(PluginConfigError, match=r"rank 0 experts \[0, 2\], which are not one run"):
-        check_owner_runs([0, 1, 0, 1], 2)
+        plan_placement(4, 2, 0, expert_owners=[0, 1, 0, 1])
     with pytest.raises(PluginConfigError, match="gives DWDP rank 1 no expert"):
-        check_owner_runs([0, 0, 0], 2)
+        plan_placement(3, 2, 0, expert_owners=[0, 0, 0])
     with pytest.raises(PluginConfigError, match="3 DWDP ranks cannot split 2 experts"):
         plan_placement(2, 3, 0)

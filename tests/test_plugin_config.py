@@ -9,9 +9,8 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from vllm_dwdp.config import DwdpConfig, parse_dwdp_config
-from vllm_dwdp.plugin_config import PluginConfigError
-from vllm_flextensor.config import parse_flextensor_config
+from vllm_moe_core.config import (DwdpConfig, PluginConfigError, describe_settings,
+                                  parse_dwdp_config, parse_flextensor_config)
 
 
 def test_defaults_are_off():
@@ -22,25 +21,41 @@ def test_defaults_are_off():
 
 def test_values_are_read_and_coerced():
     cfg = parse_dwdp_config({"dwdp": {"enabled": True, "world_size": 4, "rank": 3,
-                                      "replication": 0.25, "expert_owners": [0, 1, 2, 3]}})
-    assert (cfg.enabled, cfg.world_size, cfg.rank, cfg.replication) == (True, 4, 3, 0.25)
-    assert cfg.expert_owners == [0, 1, 2, 3]
+                                      "prefetch_depth": 2, "expert_owners": [0, 1, 2, 3]}})
+    assert (cfg.enabled, cfg.world_size, cfg.rank, cfg.prefetch_depth) == (True, 4, 3, 2)
+    assert cfg.expert_owners == (0, 1, 2, 3)
 
 
 @pytest.mark.parametrize("section, message", [
     ({"enabeld": True}, "Unknown additional_config.dwdp keys: ['enabeld']"),
-    ({"world_size": "two"}, "additional_config.dwdp.world_size must be an integer, got 'two' (str)"),
-    ({"world_size": 0}, "additional_config.dwdp.world_size must be >= 1, got 0 (int)"),
-    ({"world_size": 2, "rank": 2}, "rank must be below world_size (2), got 2"),
-    ({"transport": "nvlink"}, "must be one of ['auto', 'cuda_ipc', 'shm'], got 'nvlink'"),
-    ({"replication": 1.5}, "must be between 0.0 and 1.0, got 1.5"),
+    ({"world_size": "two"}, "additional_config.dwdp.world_size: Input should be a valid integer"),
+    ({"world_size": 0}, "additional_config.dwdp.world_size: Input should be greater than or "
+                        "equal to 1, got 0 (int)"),
+    ({"world_size": 2, "rank": 2}, "additional_config.dwdp: rank must be below world_size (2), "
+                                   "got 2"),
+    ({"prefetch_depth": 9}, "prefetch_depth: Input should be less than or equal to 4, got 9"),
+    ({"group": "../etc"}, "group: must be 1-64 letters, digits, '_', '.' or '-', got '../etc'"),
     ({"world_size": 2, "expert_owners": [0, 2]}, "expert_owners holds ranks [2] outside 0 .. 1"),
-    ({"enabled": "maybe"}, "must be true or false, got 'maybe'"),
+    ({"world_size": 2, "expert_owners": [0, 1, 0]}, "experts [0, 2], which are not one run"),
+    ({"enabled": "maybe"}, "enabled: Input should be a valid boolean"),
+    ({"master_port": 29555}, "Unknown additional_config.dwdp keys: ['master_port']"),
 ])
 def test_bad_values_name_key_value_and_fix(section, message):
     with pytest.raises(PluginConfigError) as e:
         parse_dwdp_config({"dwdp": section})
     assert message in str(e.value)
+
+
+def test_flextensor_values_are_checked():
+    with pytest.raises(PluginConfigError, match="gpu_budget_gb: must be > 0 .or -1 for no budget"):
+        parse_flextensor_config({"flextensor": {"gpu_budget_gb": 0}})
+    assert parse_flextensor_config({}).prestage_next_layer is False
+
+
+def test_settings_table_lists_every_key():
+    table = describe_settings(DwdpConfig)
+    for key in DwdpConfig.model_fields:
+        assert f"  {key} " in table and f"VLLM_DWDP_{key.upper()}" in table
 
 
 def test_section_must_be_object():
@@ -134,5 +149,5 @@ def test_unsupported_vllm_version_names_supported_range(startups, request):
 def test_openai_server_rejects_bad_config_before_loading(startups, request):
     proc = _result(startups, request)
     assert proc.returncode != 0
-    assert ("additional_config.flextensor.mode must be one of ['auto', 'copy', 'unified'], "
+    assert ("additional_config.flextensor.mode: Input should be 'auto', 'copy' or 'unified', "
             "got 'fast'") in proc.stderr + proc.stdout

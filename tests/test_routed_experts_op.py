@@ -3,7 +3,7 @@ calls it every step with that step's real shapes and state (a trace would freeze
 
 import torch
 
-from vllm_dwdp import vllm_compat
+from vllm_moe_core import vllm_compat
 
 
 class Layer:
@@ -38,7 +38,7 @@ def test_compiled_graph_calls_the_stateful_compute_every_step():
     # the size decision is made at run time, not frozen into the trace.
     assert len(graphs) == 1
     targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
-    assert "vllm_dwdp.routed_experts" in targets
+    assert "vllm_moe_core.routed_experts" in targets
     assert not any("mul" in t for t in targets), targets
 
 

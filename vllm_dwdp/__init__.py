@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Entry point for ``vllm.general_plugins``; safe to call more than once."""
-    from vllm_dwdp import vllm_compat
+    from vllm_dwdp import plugin
 
-    vllm_compat.install_dwdp()
+    plugin.install()

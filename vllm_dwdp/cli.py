@@ -14,13 +14,11 @@ import sys
 
 
 def _settings(_args) -> int:
-    from vllm_dwdp import config as dwdp
-    from vllm_dwdp.plugin_config import describe_settings
-    from vllm_flextensor import config as flex
+    from vllm_moe_core.config import DwdpConfig, FlexTensorConfig, describe_settings
 
-    print(describe_settings(dwdp.DwdpConfig, dwdp.SECTION, dwdp.ENV_PREFIX))
+    print(describe_settings(DwdpConfig))
     print()
-    print(describe_settings(flex.FlexTensorConfig, flex.SECTION, flex.ENV_PREFIX))
+    print(describe_settings(FlexTensorConfig))
     return 0
 
 

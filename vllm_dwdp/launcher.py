@@ -164,7 +164,7 @@ def wait_healthy(backends: list[Backend], timeout: float) -> None:
 
 
 def launch(plan: LaunchPlan, host: str, port: int, startup_timeout: float) -> int:
-    from vllm_dwdp.vllm_compat import logger
+    from vllm_moe_core.vllm_compat import logger
 
     log = logger("dwdp.launcher")
     import tempfile

@@ -1,7 +1,8 @@
 """DWDP's MoE layer: vLLM's routed experts over composite expert memory.
 
 Follow one token through DWDP in three files:
-1. here, :class:`DwdpRoutedExperts` is vLLM's ``RoutedExperts`` with only this rank's run of
+1. here, :func:`init_dwdp_experts` builds vLLM's ``RoutedExperts`` (the core's single
+   replacement, ``vllm_moe_core/routed_experts.py``, hands it over) with only this rank's run of
    experts created and loaded (vLLM's loader and quant method, unchanged, including its post-load
    step). Once loaded, the layer's per-expert tensors are re-pointed at full ``[E, ...]``
    composite tensors and the token's ``topk_ids`` go, unmapped, to **vLLM's own MoE kernel**
@@ -26,8 +27,8 @@ import weakref
 
 import torch
 
-from vllm_dwdp import vllm_compat
-from vllm_dwdp.config import DwdpConfig
+from vllm_moe_core import vllm_compat
+from vllm_moe_core.config import DwdpConfig
 from vllm_dwdp.expert_pages import (LayerPages, NotComposable, ReceiveSlot, build_layer,
                                     check_same_layout, compose_layer, fill_static, map_export,
                                     pull_copies)
@@ -103,7 +104,7 @@ class DwdpEngine:
     def __init__(self, cfg: DwdpConfig, cross_step: bool):
         self.cfg = cfg
         self.cross_step = cross_step
-        self.layers: list[DwdpRoutedExperts] = []
+        self.layers: list[DwdpLayer] = []
         self.pages: dict[str, LayerPages] = {}
         self.loaded = 0
         self.placement: ExpertPlacement | None = None
@@ -149,44 +150,44 @@ class DwdpEngine:
         self.placement = p
         return p
 
-    def add_layer(self, layer: DwdpRoutedExperts) -> None:
+    def add_layer(self, layer: DwdpLayer) -> None:
         if self.group is None:
             self.group = PeerGroup(self.cfg.group, self.cfg.rank, self.cfg.world_size,
                                    self.cfg.peer_timeout_s, self.cfg.rendezvous_dir or None)
             self.group.on_failure = _stop_on_peer_failure
-        layer.dwdp_index = len(self.layers)
+        layer.index = len(self.layers)
         self.layers.append(layer)
 
-    def layer_loaded(self, layer: DwdpRoutedExperts) -> None:
+    def layer_loaded(self, layer: DwdpLayer) -> None:
         """After vLLM's post-load step of ``layer``: move its experts into an export segment.
         The last layer connects the group and composes every layer."""
         if self.memory is None:
-            self.memory = memory_for(layer.dwdp_device())
+            self.memory = memory_for(layer.device())
         p = self.placement
-        local = layer.dwdp_local_tensors()
-        pages = build_layer(layer.layer_name, local, p.num_experts, p.first, p.last, self.memory)
+        local = layer.local_tensors()
+        pages = build_layer(layer.name, local, p.num_experts, p.first, p.last, self.memory)
         for t in pages.tensors:  # the loaded tensors are freed; the export holds the experts
-            _set_tensor(layer, t.name, pages.own_experts(t, p.first, p.last))
-        self.pages[layer.layer_name] = pages
+            layer.set_tensor(t.name, pages.own_experts(t, p.first, p.last))
+        self.pages[layer.name] = pages
         self.loaded += 1
         if self.loaded == len(self.layers):
             self._connect()
 
     def _connect(self) -> None:
         p, memory, cfg = self.placement, self.memory, self.cfg
-        device = self.layers[0].dwdp_device()
+        device = self.layers[0].device()
         num_slots = cfg.prefetch_depth + 1
         slots = [ReceiveSlot(memory, s) for s in range(num_slots)]
         for i, layer in enumerate(self.layers):
-            compose_layer(self.pages[layer.layer_name], slots[i % num_slots], memory, device)
+            compose_layer(self.pages[layer.name], slots[i % num_slots], memory, device)
         manifest = {
             "memory": memory.kind, "page": memory.page, "device": _device_id(device),
             "num_experts": p.num_experts, "spans": [list(s) for s in p.spans],
-            "layers": [{"name": layer.layer_name,
-                        "tensors": self.pages[layer.layer_name].manifest(memory.page),
-                        "shared": layer.dwdp_shared_digest()} for layer in self.layers]}
+            "layers": [{"name": layer.name,
+                        "tensors": self.pages[layer.name].manifest(memory.page),
+                        "shared": layer.shared_digest()} for layer in self.layers]}
         self.group.publish(manifest, [fd for layer in self.layers
-                                      for fd in self.pages[layer.layer_name].fds()])
+                                      for fd in self.pages[layer.name].fds()])
         for pages in self.pages.values():
             pages.close_fds(memory)
         peers = self.group.gather()
@@ -195,11 +196,11 @@ class DwdpEngine:
         self.prefetcher.check_alive = self.group.check_alive
         spans = list(p.spans)
         for i, layer in enumerate(self.layers):
-            pages = self.pages[layer.layer_name]
+            pages = self.pages[layer.name]
             peers_i = {r: exports[r][i] for r in exports}
             fill_static(pages, spans, peers_i)
-            self.prefetcher.add_layer(layer.layer_name, pull_copies(pages, spans, peers_i))
-            layer.dwdp_compose(pages)
+            self.prefetcher.add_layer(layer.name, pull_copies(pages, spans, peers_i))
+            layer.compose(pages)
         for slot in slots:
             slot.close_fds()
         self.group.start_watching()
@@ -234,12 +235,12 @@ class DwdpEngine:
         views, at = [], 0
         for layer, theirs, n in zip(self.layers, layers, counts):
             layer_fds, at = fds[at:at + n], at + n
-            pages = self.pages[layer.layer_name]
-            check_same_layout(layer.layer_name, pages.tensors, theirs["tensors"], peer,
+            pages = self.pages[layer.name]
+            check_same_layout(layer.name, pages.tensors, theirs["tensors"], peer,
                               self.cfg.rank)
-            if theirs.get("shared") != layer.dwdp_shared_digest():
+            if theirs.get("shared") != layer.shared_digest():
                 raise NotComposable(
-                    f"{layer.layer_name}: a tensor vLLM's quant method computed over all of a "
+                    f"{layer.name}: a tensor vLLM's quant method computed over all of a "
                     f"rank's experts (e.g. one activation scale for every expert) differs between "
                     f"rank {peer} and rank {self.cfg.rank}, so this checkpoint's format cannot be "
                     f"split over DWDP ranks; serve it without DWDP")
@@ -247,10 +248,10 @@ class DwdpEngine:
         return views
 
     # ---- forward ---------------------------------------------------------------------------
-    def run_experts(self, layer: DwdpRoutedExperts, compute):
+    def run_experts(self, layer: DwdpLayer, compute):
         """``compute()`` is vLLM's kernel over ``layer``'s composite tensors: make it wait for
         the layer's pulled experts, and free the slot for a layer further on afterwards."""
-        i = layer.dwdp_index
+        i = layer.index
         if i == 0:
             self._on_forward_start()
         self.prefetcher.acquire(i)
@@ -313,83 +314,79 @@ def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None
         module._buffers[name] = value
 
 
-class DwdpRoutedExperts(RoutedExperts):
-    """vLLM's RoutedExperts; with DWDP on, it stores only this rank's run of experts.
+def init_dwdp_experts(layer, vllm_init, args, kwargs, cfg: DwdpConfig) -> None:
+    """Build ``layer`` (vLLM's RoutedExperts) with only this rank's run of experts."""
+    bound = inspect.signature(RoutedExperts.__init__).bind(layer, *args, **kwargs)
+    moe_config = bound.arguments["moe_config"]
+    vllm_compat.check_dwdp_moe_config(moe_config, bound.arguments.get("quant_config"))
+    if getattr(bound.arguments["expert_map_manager"], "num_fused_shared_experts", 0):
+        raise NotComposable("DWDP does not split layers whose shared experts vLLM fused into "
+                            "the routed experts' tensors; serve this model without DWDP")
+    engine = DwdpEngine.for_current_engine(cfg)
+    placement = engine.placement_for(moe_config.num_experts)
+    moe_config.num_local_experts = placement.num_owned
+    bound.arguments["expert_map_manager"] = DwdpExpertMap(
+        placement, bound.arguments["expert_map_manager"])
+    vllm_init(*bound.args[1:], **bound.kwargs)
+    layer.dwdp = DwdpLayer(layer, engine)
+    engine.add_layer(layer.dwdp)
+    vllm_compat.after_process_weights_after_loading(
+        layer, lambda: engine.layer_loaded(layer.dwdp))
 
-    It is the one out-of-tree replacement of RoutedExperts in this package: with FlexTensor
-    on instead, it hands the layer to ``vllm_flextensor.moe_layer``; with neither, it is
-    exactly vLLM's class.
-    """
 
-    def __init__(self, *args, **kwargs):
-        cfg = vllm_compat.current_dwdp_config()
-        offload = vllm_compat.current_flextensor_config()
-        if offload.enabled:
-            vllm_compat.check_one_plugin_enabled(cfg, offload)  # refused at start-up already
-            from vllm_flextensor.moe_layer import init_offloaded_experts
+class DwdpLayer:
+    """DWDP's side of one MoE layer: which of its tensors are per expert, and the switch to
+    composite tensors once the group is connected."""
 
-            self.dwdp_engine = None
-            init_offloaded_experts(self, super().__init__, args, kwargs, offload)
-            return
-        if not cfg.enabled:
-            super().__init__(*args, **kwargs)
-            self.dwdp_engine = None
-            return
-        bound = inspect.signature(RoutedExperts.__init__).bind(self, *args, **kwargs)
-        moe_config = bound.arguments["moe_config"]
-        vllm_compat.check_dwdp_moe_config(moe_config, bound.arguments.get("quant_config"))
-        if getattr(bound.arguments["expert_map_manager"], "num_fused_shared_experts", 0):
-            raise NotComposable("DWDP does not split layers whose shared experts vLLM fused into "
-                                "the routed experts' tensors; serve this model without DWDP")
-        engine = DwdpEngine.for_current_engine(cfg)
-        placement = engine.placement_for(moe_config.num_experts)
-        moe_config.num_local_experts = placement.num_owned
-        bound.arguments["expert_map_manager"] = DwdpExpertMap(
-            placement, bound.arguments["expert_map_manager"])
-        super().__init__(*bound.args[1:], **bound.kwargs)
-        self.dwdp_engine = engine
-        self.dwdp_expert_names = self._per_expert_names()
-        engine.add_layer(self)
-        vllm_compat.after_process_weights_after_loading(self, self._dwdp_after_loading)
+    def __init__(self, layer, engine: DwdpEngine):
+        self.layer = layer
+        self.engine = engine
+        self.name = layer.name
+        self.index = -1
+        self.expert_names = self._per_expert_names()
 
     # ---- what the quant method created and left --------------------------------------------
     def _tensors(self):
-        yield from self.named_parameters(recurse=False)
-        yield from ((n, b) for n, b in self.named_buffers(recurse=False) if n not in _MAP_BUFFERS)
+        yield from self.layer.named_parameters(recurse=False)
+        yield from ((n, b) for n, b in self.layer.named_buffers(recurse=False)
+                    if n not in _MAP_BUFFERS)
 
     def _per_expert_names(self) -> list[str]:
-        n = self.local_num_experts
+        n = self.layer.local_num_experts
         return [name for name, t in self._tensors()
                 if t is not None and t.dim() >= 1 and t.shape[0] == n]
 
-    def dwdp_device(self) -> torch.device:
-        return self.w13_weight.device
+    def device(self) -> torch.device:
+        return self.layer.w13_weight.device
 
-    def dwdp_local_tensors(self) -> dict[str, torch.Tensor]:
+    def local_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's experts of every per-expert tensor, as vLLM's post-load step left them."""
-        n = self.local_num_experts
-        names = dict.fromkeys(self.dwdp_expert_names)
+        n = self.layer.local_num_experts
+        names = dict.fromkeys(self.expert_names)
         for name, t in self._tensors():  # tensors the post-load step added
             if t is not None and t.dim() >= 1 and t.shape[0] == n:
                 names.setdefault(name)
         out = {}
         for name in names:
-            t = getattr(self, name, None)
+            t = getattr(self.layer, name, None)
             if t is None:
                 continue
             if t.dim() < 1 or t.shape[0] != n:
                 raise NotComposable(
-                    f"{self.layer_name}.{name} has shape {tuple(t.shape)} after vLLM's post-load "
-                    f"step ({type(self.quant_method).__name__}), no longer one entry per expert: "
+                    f"{self.name}.{name} has shape {tuple(t.shape)} after vLLM's post-load step "
+                    f"({type(self.layer.quant_method).__name__}), no longer one entry per expert: "
                     f"this MoE backend's layout cannot be split over DWDP ranks; serve this "
                     f"model without DWDP or pick another MoE backend")
             out[name] = t.data if isinstance(t, torch.nn.Parameter) else t
         return out
 
-    def dwdp_shared_digest(self) -> str:
+    def set_tensor(self, name: str, value: torch.Tensor) -> None:
+        _set_tensor(self.layer, name, value)
+
+    def shared_digest(self) -> str:
         """Digest of the layer's tensors that are not per expert (must match on every rank)."""
         h = hashlib.sha256()
-        experts = set(self.dwdp_expert_names) | set(self.dwdp_engine.pages[self.layer_name].views)
+        experts = set(self.expert_names) | set(self.engine.pages[self.name].views)
         for name, t in sorted(self._tensors(), key=lambda x: x[0]):
             if t is None or name in experts:
                 continue
@@ -399,21 +396,19 @@ class DwdpRoutedExperts(RoutedExperts):
         return h.hexdigest()
 
     # ---- after loading ---------------------------------------------------------------------
-    def _dwdp_after_loading(self) -> None:
-        self.dwdp_engine.layer_loaded(self)
-
-    def dwdp_compose(self, pages: LayerPages) -> None:
+    def compose(self, pages: LayerPages) -> None:
         """Point every per-expert tensor at its full composite view; from here the layer looks
         like one holding every expert, to vLLM's kernel and to everything else."""
+        layer = self.layer
         for name, view in pages.views.items():
-            _set_tensor(self, name, view)
-        placement = self.dwdp_engine.placement
-        self.expert_map_manager = ComposedExpertMap(placement, self.expert_map_manager._inner)
-        self.moe_config.num_local_experts = placement.num_experts
-        self.update_expert_map_info()
-        self.quant_method = DwdpExpertsMethod(self.quant_method)
+            _set_tensor(layer, name, view)
+        placement = self.engine.placement
+        layer.expert_map_manager = ComposedExpertMap(placement, layer.expert_map_manager._inner)
+        layer.moe_config.num_local_experts = placement.num_experts
+        layer.update_expert_map_info()
+        layer.quant_method = DwdpExpertsMethod(layer.quant_method)
         vllm_compat.make_routed_experts_opaque(
-            self, functools.partial(DwdpExpertsMethod.compute, weakref.proxy(self)))
+            layer, functools.partial(DwdpExpertsMethod.compute, weakref.proxy(layer)))
 
 
 class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
@@ -440,5 +435,5 @@ class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
     def compute(layer, x, topk_weights, topk_ids):
         """The routed experts of ``x``'s tokens by vLLM's kernel, run by the opaque op."""
         inner = layer.quant_method.inner
-        return layer.dwdp_engine.run_experts(
-            layer, lambda: inner.apply(layer, x, topk_weights, topk_ids, None, None))
+        return layer.dwdp.engine.run_experts(
+            layer.dwdp, lambda: inner.apply(layer, x, topk_weights, topk_ids, None, None))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_dwdp.plugin_config import PluginConfigError
+from vllm_moe_core.config import PluginConfigError
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,6 @@ def owner_spans(num_experts: int, world_size: int,
         spans.append((first, first + n))
         first += n
     return tuple(spans)
-
-
-def check_owner_runs(expert_owners: list[int] | tuple[int, ...], world_size: int) -> None:
-    """What can be checked before the model (its expert count) is known."""
-    if expert_owners:
-        owner_spans(len(expert_owners), world_size, expert_owners)
 
 
 def plan_placement(num_experts: int, world_size: int, rank: int,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import socket
 import stat
@@ -26,10 +25,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from vllm_moe_core.config import GROUP_NAME
+
 _HEADER = struct.Struct("!I")
 _MAX_MESSAGE = 64 << 20
 _FDS_PER_MESSAGE = 250           # below the kernel's SCM_MAX_FD (253)
-GROUP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class PeerFailure(RuntimeError):

@@ -307,7 +307,7 @@ class DenseStreaming:
 
     @classmethod
     def _plan_for(cls, engine) -> "DenseStreaming | None":
-        from vllm_flextensor.config import parse_flextensor_config
+        from vllm_moe_core.config import parse_flextensor_config
 
         cfg = parse_flextensor_config(engine.additional_config)
         if not cfg.enabled or cfg.gpu_budget_gb < 0:

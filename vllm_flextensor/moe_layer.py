@@ -3,7 +3,7 @@ routing frequency, streamed in when the router picks them.
 
 Follow one token (three files):
 1. here, :func:`init_offloaded_experts` builds vLLM's ``RoutedExperts`` (called by the
-   package's single out-of-tree replacement, ``vllm_dwdp.moe_layer.DwdpRoutedExperts``) and
+   package's single out-of-tree replacement, ``vllm_moe_core.routed_experts``) and
    re-points its expert parameters to host memory before loading, so vLLM's checkpoint
    loader writes every expert straight to its home (pinned, seen by the GPU through UVA):
    the experts are never all on the GPU. After loading, the placement plan
@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vllm_flextensor import vllm_compat
-from vllm_flextensor.config import FlexTensorConfig
+from vllm_moe_core.config import FlexTensorConfig
 from vllm_flextensor.expert_cache import ExpertCachePolicy
 from vllm_flextensor.planner import (GiB, ModelWeights, OffloadPlan,
                                      plan_experts_beside_dense_streaming, plan_offload,
                                      whole_layer_min_tokens)
 from vllm_flextensor.streaming import ExpertStreamer, coalesce
-from vllm_dwdp.vllm_compat import (fp8_activation_scales_ue8m0, make_routed_experts_opaque,
+from vllm_moe_core.vllm_compat import (fp8_activation_scales_ue8m0, make_routed_experts_opaque,
                                    routed_experts_outside_compile)
 from vllm_dwdp_kernels.split_moe import BlockScales, split_moe
 

@@ -1,13 +1,14 @@
 """Every touch of vLLM internals made by FlexTensor, in one version-aware place (vLLM 0.26 - 0.33).
 
-- ``EngineArgs.create_engine_config`` validation, shared with DWDP
-  (:func:`vllm_dwdp.vllm_compat.add_config_validator`): a bad ``flextensor`` section, or a
+- ``EngineArgs.create_engine_config`` validation, through the core
+  (:func:`vllm_moe_core.vllm_compat.add_config_validator`): a bad ``flextensor`` section, or a
   budget / host memory that cannot hold the placement plan (estimated from the model's
   config through ``EngineArgs.create_model_config``), stops start-up before any model loads.
   The same validator turns CUDA graphs off (CPU: eager), since a step's copies depend on
   its routing.
-- ``RoutedExperts`` is built by ``vllm_dwdp.moe_layer.DwdpRoutedExperts`` (vLLM's out-of-tree
-  layer registry), which hands FlexTensor layers to ``vllm_flextensor.moe_layer``. Relied on:
+- ``RoutedExperts`` is built by the core's single replacement
+  (``vllm_moe_core.routed_experts``), which hands FlexTensor layers to
+  ``vllm_flextensor.moe_layer`` (FlexTensor registers it as an expert home). Relied on:
   per-expert parameters have ``local_num_experts`` rows and are filled in place by vLLM's
   weight loader (and dummy initialiser); ``quant_method.apply(layer, x, topk_weights,
   topk_ids, ...)`` does the routed-expert compute; the quant method's
@@ -35,21 +36,24 @@ from __future__ import annotations
 
 import weakref
 
-from vllm_dwdp import versioning
-from vllm_dwdp.vllm_compat import (  # noqa: F401 (ExpertsMethodProxy: used by moe_layer)
-    ExpertsMethodProxy, add_config_validator, check_split_moe_activation,
+from vllm_moe_core import routed_experts, versioning
+from vllm_moe_core.vllm_compat import (  # noqa: F401 (ExpertsMethodProxy: used by moe_layer)
+    ExpertsMethodProxy, add_config_validator, check_one_plugin_enabled, check_split_moe_activation,
     expert_fp8_block_shape, install_once, logger, wrap_process_weights_after_loading)
 
 
 def install_flextensor() -> None:
     if not install_once("flextensor"):
         return
-    from vllm_flextensor.config import parse_flextensor_config
+    from vllm_moe_core.config import parse_flextensor_config
 
     def validate(engine_args) -> None:
         cfg = parse_flextensor_config(engine_args.additional_config)
         if cfg.enabled:
             versioning.check_supported("FlexTensor")
+            check_one_plugin_enabled(engine_args.additional_config)
+            if routed_experts.layer_error() is not None:
+                raise routed_experts.layer_error()
             logger("flextensor").info(
                 "FlexTensor enabled: GPU budget %s GiB, mode %s", cfg.gpu_budget_gb, cfg.mode
             )
@@ -58,7 +62,15 @@ def install_flextensor() -> None:
                 _without_graphs(engine_args)
                 _record_settings(engine_args, cfg)
 
+    def init(layer, vllm_init, args, kwargs) -> None:
+        from vllm_flextensor.moe_layer import init_offloaded_experts
+        from vllm_moe_core.vllm_compat import current_flextensor_config
+
+        init_offloaded_experts(layer, vllm_init, args, kwargs, current_flextensor_config())
+
     add_config_validator("flextensor", validate)
+    routed_experts.register_expert_home(
+        "flextensor", lambda config: parse_flextensor_config(config).enabled, init)
     install_dense_linear_hook()
     logger("flextensor").info(
         "vllm-dwdp plugin 'flextensor' loaded (vLLM %s)", versioning.vllm_version()
@@ -107,17 +119,15 @@ def _record_settings(engine_args, cfg) -> None:
     """Write the effective settings (``VLLM_FLEXTENSOR_*`` overrides included) into
     ``additional_config``, which vLLM hashes into its torch.compile cache key: a compiled
     graph names streamed linears by number, and which linears stream depends on them."""
-    import dataclasses
-
     if isinstance(engine_args.additional_config, dict) or not engine_args.additional_config:
         engine_args.additional_config = {**(engine_args.additional_config or {}),
-                                         "flextensor": dataclasses.asdict(cfg)}
+                                         "flextensor": cfg.model_dump(mode="json")}
 
 
 def _without_graphs(engine_args) -> None:
     """A step's copies depend on its routing (read by the host), which no captured graph can
     replay: CPU engines run eagerly, CUDA engines compiled without CUDA graphs."""
-    from vllm_dwdp.vllm_compat import run_without_cuda_graphs
+    from vllm_moe_core.vllm_compat import run_without_cuda_graphs
 
     run_without_cuda_graphs(
         engine_args, "flextensor",

@@ -105,9 +105,9 @@ def main() -> None:
     if spec.get("compile_on_cpu"):
         # Plugin engines on CPU normally run eagerly; this one compiles, as CUDA engines do,
         # so CI runs the compiled path (the routed-experts op torch.compile must not trace).
-        import vllm_dwdp.vllm_compat
+        import vllm_moe_core.vllm_compat
 
-        vllm_dwdp.vllm_compat.run_without_cuda_graphs = lambda *args, **kwargs: None
+        vllm_moe_core.vllm_compat.run_without_cuda_graphs = lambda *args, **kwargs: None
     stats = {}
     if spec.get("additional_config", {}).get("flextensor", {}).get("enabled"):
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # rpc with a function

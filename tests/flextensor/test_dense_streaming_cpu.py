@@ -15,8 +15,8 @@ import pytest
 from tests.flextensor.engines import module_engines, run_flextensor_engines
 from tests.flextensor.test_flextensor_cpu import PROMPTS, flex_spec, weights_of
 from tests.harness.equality import assert_outputs_equal, stock_spec
-from vllm_dwdp.plugin_config import PluginConfigError
-from vllm_flextensor.config import parse_flextensor_config
+from vllm_moe_core.config import PluginConfigError
+from vllm_moe_core.config import parse_flextensor_config
 from vllm_flextensor.planner import GiB, budget_for_dense_layers
 
 

@@ -1,28 +1,28 @@
-"""Every touch of vLLM internals made by DWDP, in one version-aware place (vLLM 0.26 - 0.33).
+"""The touches of vLLM internals both plugins share, in one version-aware place (vLLM 0.26 - 0.33).
 
 What is touched, why, and when it can go:
-- ``EngineArgs.create_engine_config`` is wrapped so a bad ``additional_config["dwdp"]`` (or an
-  unsupported vLLM) fails in the front-end process before any model loads. Removal: when vLLM
-  offers a validation hook for general plugins' ``additional_config`` sections.
+- ``EngineArgs.create_engine_config`` is wrapped so a bad ``additional_config`` section (or an
+  unsupported vLLM) fails in the front-end process before any model loads
+  (:func:`add_config_validator`). Removal: when vLLM offers a validation hook for general
+  plugins' ``additional_config`` sections.
 - ``RoutedExperts`` (``vllm/model_executor/layers/fused_moe/routed_experts.py``, a
-  ``PluggableLayer`` in 0.26 - 0.33) is replaced through vLLM's own out-of-tree layer registry
-  (``PluggableLayer.register_oot``) by ``DwdpRoutedExperts``, which behaves exactly as vLLM's
-  class unless DWDP is enabled. Relied on: the constructor receives ``moe_config`` and
-  ``expert_map_manager``; ``quant_method.create_weights`` sizes weights by
-  ``moe_config.num_local_experts``; ``weight_loader`` skips experts mapped to -1; the MoE runner
-  calls ``routed_experts.forward_modular`` -> ``quant_method.apply(layer, x, topk_weights,
-  topk_ids, shared_experts, shared_experts_input)`` when ``quant_method.is_monolithic`` is
-  False. Checked at start-up by :func:`routed_experts_class`.
-- The per-layer quant method's ``process_weights_after_loading`` is replaced on the instance,
-  so DWDP layers keep the checkpoint layout its kernel reads (no backend repacking).
-- vLLM compiles the model with torch.compile and, in 0.26 - 0.33, traces into the routed
-  experts' ``quant_method.apply``. The plugins' compute is stateful Python (prefetch slots,
-  stream events, per-step counters, tile choice by token count) that a trace would freeze at
-  its first shapes, so :func:`routed_experts_outside_compile` hands it to the graph as one
-  opaque custom op (``vllm_dwdp::routed_experts``).
+  ``PluggableLayer`` in 0.26 - 0.33) is replaced once, through vLLM's own out-of-tree layer
+  registry, by ``vllm_moe_core.routed_experts.RoutedExpertsWithHomes``. Relied on: the
+  constructor receives ``moe_config`` and ``expert_map_manager``; ``quant_method.create_weights``
+  sizes weights by ``moe_config.num_local_experts``; ``weight_loader`` skips experts mapped to -1;
+  the MoE runner calls ``routed_experts.forward_modular`` -> ``quant_method.apply(layer, x,
+  topk_weights, topk_ids, shared_experts, shared_experts_input)`` when ``quant_method.is_monolithic``
+  is False. Checked at start-up by :func:`routed_experts_class`.
+- The per-layer quant method's ``process_weights_after_loading`` is wrapped on the instance
+  (:func:`after_process_weights_after_loading`: vLLM's step runs, then the plugin's), or replaced
+  (:func:`wrap_process_weights_after_loading`, FlexTensor's split-weight layers).
+- vLLM compiles the model with torch.compile and, in 0.26 - 0.33, traces into the routed experts'
+  ``quant_method.apply``. The plugins' work around the experts is stateful Python (receive slots,
+  stream events, per-step counters) that a trace would freeze at its first shapes, so
+  :func:`routed_experts_outside_compile` hands it to the graph as one opaque custom op
+  (``vllm_moe_core::routed_experts``).
 - ``vllm.utils.deep_gemm.is_deep_gemm_e8m0_used`` (0.26 - 0.33): whether vLLM's per-token-group
-  FP8 quantiser rounds activation scales up to powers of two (UE8M0), as stock vLLM's
-  block-FP8 MoE then does; the split-weight kernel quantises the same way.
+  FP8 quantiser rounds activation scales up to powers of two (UE8M0).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from vllm_dwdp import versioning
+from vllm_moe_core import versioning
 
 _INSTALLED: set[str] = set()
 
@@ -74,41 +74,12 @@ def install_once(name: str) -> bool:
     return True
 
 
-def install_dwdp() -> None:
-    if not install_once("dwdp"):
-        return
-    from vllm_dwdp.config import parse_dwdp_config
-
-    def validate(engine_args) -> None:
-        cfg = parse_dwdp_config(engine_args.additional_config)
-        if cfg.enabled:
-            versioning.check_supported("DWDP")
-            from vllm_flextensor.config import parse_flextensor_config
-
-            check_one_plugin_enabled(cfg, parse_flextensor_config(engine_args.additional_config))
-            logger("dwdp").info(
-                "DWDP enabled: rank %d of %d in group %r, prefetch depth %d",
-                cfg.rank, cfg.world_size, cfg.group, cfg.prefetch_depth,
-            )
-            if _LAYER_ERROR is not None:
-                raise _LAYER_ERROR
-            _prefer_eager_where_needed(engine_args)
-
-    add_config_validator("dwdp", validate)
-    _register_layer()
-    state = "supported" if versioning.is_supported() else (
-        f"NOT supported (supported: {versioning.SUPPORTED_RANGE})"
-    )
-    logger("dwdp").info(
-        "vllm-dwdp plugin 'dwdp' loaded (vLLM %s, %s)", versioning.vllm_version(), state
-    )
-
-
-def check_one_plugin_enabled(dwdp_config, flextensor_config) -> None:
+def check_one_plugin_enabled(additional_config) -> None:
     """One engine runs DWDP or FlexTensor, not both."""
-    from vllm_dwdp.plugin_config import PluginConfigError
+    from vllm_moe_core.config import PluginConfigError, parse_dwdp_config, parse_flextensor_config
 
-    if dwdp_config.enabled and flextensor_config.enabled:
+    if (parse_dwdp_config(additional_config).enabled
+            and parse_flextensor_config(additional_config).enabled):
         raise PluginConfigError(
             "additional_config: dwdp and flextensor are both enabled, but one engine runs one "
             "of them (DWDP splits the experts over GPUs, FlexTensor offloads them to host "
@@ -116,25 +87,7 @@ def check_one_plugin_enabled(dwdp_config, flextensor_config) -> None:
         )
 
 
-_LAYER_ERROR: Exception | None = None
-
-
-def _register_layer() -> None:
-    """Put DwdpRoutedExperts in vLLM's out-of-tree layer registry. A failure here must not
-    break vLLM for users who never enable DWDP: it is kept and raised only if they do."""
-    global _LAYER_ERROR
-    try:
-        versioning.check_supported("DWDP")
-        from vllm.model_executor.custom_op import PluggableLayer
-
-        from vllm_dwdp.moe_layer import DwdpRoutedExperts
-
-        PluggableLayer.register_oot(name="RoutedExperts")(DwdpRoutedExperts)
-    except Exception as e:  # noqa: BLE001 - stored, re-raised when DWDP is enabled
-        _LAYER_ERROR = e
-
-
-def _prefer_eager_where_needed(engine_args) -> None:
+def dwdp_graph_policy(engine_args) -> None:
     """Keep DWDP's pull schedule out of captured graphs.
 
     CPU: vLLM compiles the MoE call into the model graph (no opaque custom op), which would
@@ -212,22 +165,31 @@ def routed_experts_class():
     return RoutedExperts
 
 
-def current_dwdp_config():
-    """The DWDP settings of the engine being built in this process (worker side)."""
+def current_additional_config():
+    """``additional_config`` of the engine being built in this process (worker side)."""
     from vllm.config import get_current_vllm_config
 
-    from vllm_dwdp.config import parse_dwdp_config
+    return get_current_vllm_config().additional_config
 
-    return parse_dwdp_config(get_current_vllm_config().additional_config)
+
+def current_vllm_config():
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config()
+
+
+def current_dwdp_config():
+    """The DWDP settings of the engine being built in this process (worker side)."""
+    from vllm_moe_core.config import parse_dwdp_config
+
+    return parse_dwdp_config(current_additional_config())
 
 
 def current_flextensor_config():
     """The FlexTensor settings of the engine being built in this process (worker side)."""
-    from vllm.config import get_current_vllm_config
+    from vllm_moe_core.config import parse_flextensor_config
 
-    from vllm_flextensor.config import parse_flextensor_config
-
-    return parse_flextensor_config(get_current_vllm_config().additional_config)
+    return parse_flextensor_config(current_additional_config())
 
 
 def is_eager() -> bool:
@@ -243,11 +205,9 @@ def is_eager() -> bool:
 
 def check_dwdp_moe_config(moe_config, quant_config) -> None:
     """Refuse, with the reason, MoE layers this DWDP version does not handle."""
-    from vllm_dwdp.rendezvous import PeerFailure
-
     par = moe_config.moe_parallel_config
     if par.tp_size != 1 or par.use_ep or par.dp_size != 1:
-        raise PeerFailure(
+        raise NotImplementedError(
             "DWDP replaces tensor, data and expert parallelism for MoE layers: start each DWDP "
             f"rank as a single-GPU engine (got tp={par.tp_size}, dp={par.dp_size}, "
             f"ep={par.use_ep}); use dwdp.world_size for the number of GPUs")
@@ -331,12 +291,12 @@ def make_routed_experts_opaque(layer, compute: Callable) -> None:
 
 def routed_experts_outside_compile(layer, x, topk_weights, topk_ids):
     """``layer``'s registered compute: called directly when eager, as the opaque op
-    ``vllm_dwdp::routed_experts`` while torch.compile traces (so the compiled graph calls
+    ``vllm_moe_core::routed_experts`` while torch.compile traces (so the compiled graph calls
     back into Python every step, with the step's real shapes and state)."""
     import torch
 
     if torch.compiler.is_compiling():
-        return torch.ops.vllm_dwdp.routed_experts(x, topk_weights, topk_ids,
+        return torch.ops.vllm_moe_core.routed_experts(x, topk_weights, topk_ids,
                                                   layer.vllm_dwdp_compute_id)
     return _OPAQUE_COMPUTE[layer.vllm_dwdp_compute_id](x, topk_weights, topk_ids)
 
@@ -347,7 +307,7 @@ def _register_routed_experts_op() -> None:
 
     # Explicit schema: this module's annotations are strings (``from __future__``).
     @torch.library.custom_op(
-        "vllm_dwdp::routed_experts", mutates_args=(),
+        "vllm_moe_core::routed_experts", mutates_args=(),
         schema="(Tensor x, Tensor topk_weights, Tensor topk_ids, int compute_id) -> Tensor")
     def routed_experts(x, topk_weights, topk_ids, compute_id):
         return _OPAQUE_COMPUTE[compute_id](x, topk_weights, topk_ids)
