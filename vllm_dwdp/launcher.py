@@ -182,6 +182,17 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
         proc.wait(timeout=10)
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Stop(Exception):
     """SIGINT or SIGTERM reached the launcher."""
 
@@ -239,6 +250,11 @@ def launch(plan: LaunchPlan, host: str, port: int, startup_timeout: float) -> in
         log.info("all %d DWDP ranks are up; starting vllm-router (policy %s) on %s:%d",
                  len(backends), plan.router.policy, host, port)
         router = start_router(plan.router, [b.url for b in backends], host, port)
+        if not _is_loopback(host):
+            log.warning("the front endpoint listens on %s: vllm-router's management routes "
+                        "(/add_worker, /remove_worker, /flush_cache) answer anyone who reaches "
+                        "it, without authentication; serve beyond this host only on a trusted "
+                        "network or behind a proxy that passes just /v1/*", host)
         log.info("serving on http://%s:%d (ranks %s; router metrics on http://%s:%d/metrics)",
                  host, port, ", ".join(b.url for b in backends), plan.router.metrics_host,
                  plan.router.metrics_port)

@@ -175,6 +175,7 @@ def test_bad_input_gets_4xx_with_a_message(group, case):
     status, headers, text, _ = request(group.base + "/v1/completions", BODY, JSON)
     assert status == 200 and json.loads(text)["choices"][0]["text"] in ("rank0", "rank1")
     assert all(group.workers().values())
+    assert metric(group, "vllm_router_cb_state") == 0  # every rank's circuit still closed
 
 
 def test_answers_name_their_rank_and_streams_pass_through(group):
