@@ -196,12 +196,14 @@ def test_body_over_the_limit_gets_413_without_being_read(group):
     # A declared length over the limit: 413 before a byte of the body is sent.
     answer, _ = raw_post(group.base, f"Content-Length: {2 * limit}\r\n")
     assert answer.startswith(b"HTTP/1.1 413 ") and b"length limit" in answer, answer
-    # A chunked body with no length: 413 once the limit is passed, not at the end.
+    # A chunked body with no length: 413 once the limit is passed, and the connection closed
+    # long before the body's end (what was sent includes the sockets' buffers, a few MiB).
     chunk = b"a" * (64 << 10)
+    total = 64 * limit
     answer, sent = raw_post(group.base, "Transfer-Encoding: chunked\r\n",
-                            [chunk] * (8 * limit // len(chunk)))
+                            [chunk] * (total // len(chunk)))
     assert answer.startswith(b"HTTP/1.1 413 "), answer
-    assert sent < 4 * limit, f"{sent} bytes sent before the 413 ({limit} allowed)"
+    assert sent < total * 3 // 8, f"{sent} of {total} bytes sent before the 413"
     assert request(group.base + "/v1/completions", BODY, JSON)[0] == 200
     assert all(group.workers().values())
 
