@@ -117,7 +117,7 @@ class RouterSettings:
 
 def require_router() -> None:
     if importlib.util.find_spec("vllm_router") is None:
-        raise RouterError(f"vllm-dwdp serve fronts its ranks with vLLM's router, which is not "
+        raise RouterError(f"the front endpoint is vLLM's router (vllm-router), which is not "
                           f"installed in {sys.prefix}: {ROUTER_INSTALL}")
 
 
@@ -232,6 +232,8 @@ def launch(plan: LaunchPlan, host: str, port: int, startup_timeout: float) -> in
     import tempfile
 
     require_router()  # before any engine spends minutes loading
+    if not plan.router.metrics_port:
+        plan.router.metrics_port = plan.base_port + plan.num_ranks
     backends = [Backend(r, plan.base_port + r) for r in range(plan.num_ranks)]
     metrics_dirs = [tempfile.TemporaryDirectory(prefix=f"vllm-dwdp-metrics-rank{b.rank}-")
                     for b in backends]
