@@ -356,3 +356,9 @@ def test_launcher_stops_the_whole_group(tmp_path, how):
     assert not alive, f"left running: {[p.name() for p in alive]}"
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_one_rank_is_served_under_any_policy(fresh_group):
+    g = fresh_group(n=1)  # vllm-router refuses power_of_two over one worker
+    status, headers, _, _ = request(g.base + "/v1/completions", BODY, JSON)
+    assert status == 200 and headers["X-DWDP-Rank"] == "0"
