@@ -24,6 +24,8 @@ setup(
         "test": ["pytest>=7", "transformers", "safetensors", "requests"],
         "ray": ["ray[default]>=2.40"],
         "bench": ["matplotlib"],
+        # `vllm-dwdp serve` fronts its ranks with vLLM's router.
+        "serve": ["vllm-router==0.1.17"],
     },
     entry_points={
         "vllm.general_plugins": [

