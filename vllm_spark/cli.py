@@ -81,6 +81,20 @@ def _down(args, inv) -> int:
     return 0 if cluster.down(inv) else 1
 
 
+def _firewall(args, inv) -> int:
+    from vllm_spark import firewall
+
+    report = preflight.run_preflight(inv, ports=[], model_check=False)
+    if not report.ok:
+        raise preflight.PreflightFailed(report)
+    if args.apply:
+        return 0 if firewall.apply(inv, report.facts) else 1
+    for node in inv.nodes:
+        print(f"# {node.name}: vllm-spark firewall -i {inv.path} --apply loads this there")
+        print(firewall.node_rules(inv, node, report.facts))
+    return 0
+
+
 def _sync_model(args, inv) -> int:
     from vllm_spark.sync import sync_model
 
@@ -133,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the vllm serve log or the `ray start` log")
     sp.add_argument("-n", "--lines", type=int, default=100)
     add("down", _down, "stop the server and Ray on every node")
+    sp = add("firewall", _firewall, "nftables rules keeping Ray's ports (which listen on "
+             "every interface) on the cluster network; print, or --apply on every node")
+    sp.add_argument("--apply", action="store_true", help="load the rules with `nft -f -`")
     sp = add("sync-model", _sync_model, "copy the model to nodes missing it (rsync over the "
              "cluster network)")
     sp.add_argument("--source", help="node that has the model (default: the head)")

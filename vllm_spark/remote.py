@@ -210,6 +210,11 @@ def tail(node: Node, name: str, lines: int = 5) -> str:
                check=False).stdout.strip()
 
 
+def secret_digest(node: Node, path: str) -> str | None:
+    """A short hash of the secret file on the node (None if absent), to compare nodes."""
+    return _statedir(node, ["digest", path])["digest"]
+
+
 def popen(node: Node, script: str, **kwargs) -> subprocess.Popen:
     """Start ``script`` on the node and stream its output (``logs --follow``)."""
     return subprocess.Popen(ssh_argv(node, script), **kwargs)

@@ -141,7 +141,8 @@ def read_secret(path: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``ensure PATH-or-'' NAME`` | ``write PATH`` (data on stdin) | ``read PATH``."""
+    """``ensure PATH-or-'' NAME`` | ``write PATH`` (data on stdin) | ``read PATH`` |
+    ``digest PATH`` (a short hash; null when absent or not private)."""
     try:
         op = argv[0]
         if op == "ensure":
@@ -152,6 +153,15 @@ def main(argv: list[str]) -> int:
             print(json.dumps({"path": argv[1]}))
         elif op == "read":
             sys.stdout.write(read_secret(argv[1]))
+        elif op == "digest":  # compare secrets across nodes without moving them
+            import hashlib
+
+            try:
+                value = read_secret(argv[1])
+            except StateDirError:
+                value = None
+            print(json.dumps({"digest": value and
+                              hashlib.sha256(value.strip().encode()).hexdigest()[:16]}))
         else:
             raise SystemExit(f"unknown operation {op!r}")
     except StateDirError as e:

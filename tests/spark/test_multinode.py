@@ -147,11 +147,20 @@ def test_missing_model_then_sync_model_fixes_it(nodes, model_dir, tmp_path):
     (copy / "model.safetensors").unlink()
     r = run_cli("preflight", "-i", inv.path)
     assert "ERROR spark2: model at" in r.stdout and "missing (e.g. model.safetensors)" in r.stdout
+    (copy / "notes.txt").write_text("the worker's own file")
     r = run_cli("sync-model", "-i", inv.path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "spark1 -> spark2 (10.213" in r.stdout  # over the cluster address
     r = run_cli("preflight", "-i", inv.path)
     assert r.returncode == 0, r.stdout
+    assert json.loads((copy / "config.json").read_text())["num_hidden_layers"] == 2
+    assert (copy / "notes.txt").exists(), "sync-model deleted a file without --delete"
+    # with --delete the target ends up an exact copy
+    (copy / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 9}))
+    r = run_cli("sync-model", "-i", inv.path, "--delete")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(deleting files the source lacks)" in r.stdout
+    assert not (copy / "notes.txt").exists()
     assert json.loads((copy / "config.json").read_text())["num_hidden_layers"] == 2
 
 
@@ -298,3 +307,58 @@ def test_serve_tp2_across_two_nodes_native_multinode(nodes, model_dir, tmp_path)
         r = run_cli("down", "-i", inv.path, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not _ours(inv), f"processes left after down: {_ours(inv)}"
+
+
+LISTEN = "import socket, sys, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, " \
+         "socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', int(sys.argv[1])))\ns.listen()\n" \
+         "print('ready', flush=True)\nwhile True:\n    s.accept()[0].close()\n"
+
+
+def _connects(ns: str | None, address: str, port: int) -> bool:
+    code = (f"import socket; socket.create_connection(('{address}', {port}), timeout=2)")
+    argv = [sys.executable, "-c", code]
+    if ns:
+        argv = ["ip", "netns", "exec", ns, *argv]
+    return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+
+
+def test_firewall_keeps_ray_ports_on_the_cluster_network(nodes, model_dir, tmp_path):
+    """Like Ray's GCS, a listener on 0.0.0.0 in the head namespace is reachable over a second
+    ("management") interface until `vllm-spark firewall --apply`; then only over cx7."""
+    inv = make_inventory(nodes, model_dir, tmp_path, name="fw")
+    ns, mgmt_host, mgmt = nodes.ns(0), f"{nodes.prefix}m0"[:15], "10.214.77"
+    subprocess.run(["ip", "link", "add", mgmt_host, "type", "veth", "peer", "name", "mgmt",
+                    "netns", ns], check=True)
+    listener = None
+    try:
+        subprocess.run(["ip", "addr", "add", f"{mgmt}.254/24", "dev", mgmt_host], check=True)
+        subprocess.run(["ip", "link", "set", mgmt_host, "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{mgmt}.1/24", "dev", "mgmt"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "mgmt", "up"], check=True)
+        listener = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", LISTEN,
+                                     str(inv.ray_port)], stdout=subprocess.PIPE, text=True)
+        assert listener.stdout.readline().strip() == "ready"
+        assert _connects(None, f"{mgmt}.1", inv.ray_port), "management path must work before"
+        r = run_cli("preflight", "-i", inv.path)
+        assert f"note  spark1: Ray's ports ({inv.ray_port}," in r.stdout, r.stdout
+        assert "vllm-spark firewall -i" in r.stdout
+        r = run_cli("firewall", "-i", inv.path)
+        assert r.returncode == 0 and "tcp dport {" in r.stdout, r.stdout + r.stderr
+        r = run_cli("firewall", "-i", inv.path, "--apply")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "spark1: table inet vllm_spark_fw loaded" in r.stdout
+        assert not _connects(None, f"{mgmt}.1", inv.ray_port), "the firewall let it through"
+        assert _connects(nodes.ns(1), nodes.address(0), inv.ray_port), "cluster path blocked"
+        r = run_cli("preflight", "-i", inv.path)
+        assert "Ray's ports" not in r.stdout  # loaded: no more note
+        r = run_cli("firewall", "-i", inv.path, "--apply")  # idempotent: replaces the table
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert not _connects(None, f"{mgmt}.1", inv.ray_port)
+    finally:
+        if listener:
+            listener.kill()
+            listener.wait()
+        for i in range(nodes.count):
+            subprocess.run(["ip", "netns", "exec", nodes.ns(i), "nft", "delete", "table", "inet",
+                            "vllm_spark_fw"], capture_output=True)
+        subprocess.run(["ip", "link", "del", mgmt_host], capture_output=True)
