@@ -5,7 +5,9 @@
     vllm-spark serve     -i sparks.yaml --tp 2   # (up if needed) + vllm serve over Ray
     vllm-spark serve     -i sparks.yaml --tp 2 --via-job   # as a Ray job on a running cluster
     vllm-spark serve     -i sparks.yaml --tp 2 --mode native  # vLLM's own multi-node, no Ray
-    vllm-spark status | logs [-f] | down | sync-model [--delete]  -i sparks.yaml
+    vllm-spark serve     -i sparks.yaml --recipe qwen3-235b-a22b-nvfp4   # a preset
+    vllm-spark status | logs [-f] | down | sync-model [--delete] | firewall  -i sparks.yaml
+    vllm-spark recipes                            # the presets and their vllm serve flags
 
 Options after ``--`` go to vLLM unchanged (``-- --max-model-len 32768``).
 """
@@ -34,25 +36,38 @@ def _up(args, inv) -> int:
     return 0
 
 
-def _plan(args) -> serve.ServePlan:
-    return serve.ServePlan(model=args.model, tensor_parallel=args.tp, pipeline_parallel=args.pp,
-                           data_parallel=args.dp, served_model_name=args.served_model_name,
-                           mode=args.mode, api_key=not args.no_api_key, extra=args.vllm_args)
+def _plan(args, inv) -> serve.ServePlan:
+    """The serve plan from the flags, on top of ``--recipe`` (flags and ``--`` args win)."""
+    tp, pp, mode, extra = 1, 1, "ray", []
+    if args.recipe:
+        from vllm_spark.recipe import load_recipe
+
+        r = load_recipe(args.recipe)
+        tp, pp, mode, extra = r.tensor_parallel, r.pipeline_parallel, r.mode, r.serve_flags()
+        for node in inv.nodes:
+            node.env = {**r.env, **node.env}
+        if len(inv.nodes) < r.nodes:
+            print(f"vllm-spark: note: recipe {r.name} is sized for {r.nodes} nodes, the "
+                  f"inventory has {len(inv.nodes)}")
+    return serve.ServePlan(model=args.model, tensor_parallel=args.tp or tp,
+                           pipeline_parallel=args.pp or pp, data_parallel=args.dp,
+                           served_model_name=args.served_model_name, mode=args.mode or mode,
+                           api_key=not args.no_api_key, extra=extra + args.vllm_args)
 
 
 def _serve(args, inv) -> int:
     if args.model:
         for node in inv.nodes:
             node.model = args.model
-    plan = _plan(args)
+    plan = _plan(args, inv)
     plan.model = inv.head.model
     if args.via_job:
-        if args.mode != "ray":
+        if plan.mode != "ray":
             print("vllm-spark: --via-job submits to Ray; it needs --mode ray", file=sys.stderr)
             return 2
         serve.submit_job(inv, plan, nccl_debug=args.nccl_debug, timeout=args.timeout)
         return 0
-    if args.mode == "ray" and not args.no_up:
+    if plan.mode == "ray" and not args.no_up:
         cluster.up(inv, nccl_debug=args.nccl_debug)
     serve.start_server(inv, plan, nccl_debug=args.nccl_debug, timeout=args.timeout)
     print(f"follow the log: vllm-spark logs -f -i {inv.path}; stop: vllm-spark down -i {inv.path}")
@@ -122,11 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=120)
     sp = add("serve", _serve, "start vllm serve across the cluster (Ray executor)")
     sp.add_argument("--model", help="model directory (default: the inventory's)")
-    sp.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    sp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    sp.add_argument("--recipe", help="a preset from `vllm-spark recipes` (or a YAML path)")
+    sp.add_argument("--tp", type=int, help="tensor-parallel size (default 1, or the recipe's)")
+    sp.add_argument("--pp", type=int, help="pipeline-parallel size (default 1, or the recipe's)")
     sp.add_argument("--dp", type=int, default=1, help="data-parallel size (Ray DP backend)")
     sp.add_argument("--served-model-name")
-    sp.add_argument("--mode", choices=serve.MODES, default="ray",
+    sp.add_argument("--mode", choices=serve.MODES,
                     help="ray: Ray cluster + Ray executor (default); native: vLLM's own "
                     "multi-node (--nnodes/--node-rank/--master-addr, headless workers), no Ray")
     sp.add_argument("--no-api-key", action="store_true",
@@ -139,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=1800, help="seconds to wait for /health")
     sp.add_argument("vllm_args", nargs=argparse.REMAINDER,
                     help="after --: arguments for vLLM unchanged")
+    sub.add_parser("recipes", help="list the serve presets (--recipe NAME) and their flags")
     add("status", _status, "Ray nodes alive, by host")
     sp = add("logs", _logs, "print (or follow) the server log on the head")
     sp.add_argument("-f", "--follow", action="store_true")
@@ -158,14 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _recipes() -> int:
+    from vllm_spark.recipe import load_recipe, recipe_paths
+
+    for path in recipe_paths():
+        r = load_recipe(path.stem)
+        print(f"{r.name:32s} {r.nodes} nodes, TP {r.tensor_parallel}: {r.description}")
+        print(f"{'':32s} model {r.model}; flags: {' '.join(r.serve_flags())}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "recipes":
+        return _recipes()
     if getattr(args, "vllm_args", None) and args.vllm_args[0] == "--":
         args.vllm_args = args.vllm_args[1:]
     try:
         inv = load_inventory(args.inventory)
         return args.fn(args, inv)
-    except (InventoryError, remote.NodeError) as e:
+    except (InventoryError, remote.NodeError, ValueError) as e:
         print(f"vllm-spark: {e}", file=sys.stderr)
         return 1
     except preflight.PreflightFailed as e:
