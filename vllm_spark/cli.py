@@ -67,11 +67,44 @@ def _serve(args, inv) -> int:
             return 2
         serve.submit_job(inv, plan, nccl_debug=args.nccl_debug, timeout=args.timeout)
         return 0
+    serve.record_serve_argv(inv, args.argv)
     if plan.mode == "ray" and not args.no_up:
         cluster.up(inv, nccl_debug=args.nccl_debug)
     serve.start_server(inv, plan, nccl_debug=args.nccl_debug, timeout=args.timeout)
     print(f"follow the log: vllm-spark logs -f -i {inv.path}; stop: vllm-spark down -i {inv.path}")
     return 0
+
+
+def _watchdog(args, inv) -> int:
+    from pathlib import Path
+
+    from vllm_spark import watchdog
+
+    url = args.url
+    if not url:
+        report = preflight.run_preflight(inv, ports=[], model_check=False)
+        if inv.head.name not in report.facts:
+            raise preflight.PreflightFailed(report)
+        url = f"http://{inv.serve_host or report.facts[inv.head.name]['address']}:" \
+              f"{inv.serve_port}"
+    restart = None
+    if args.restart:
+        saved = serve.last_serve_argv(inv)
+        if saved is None:
+            print("vllm-spark: --restart needs a server started by `vllm-spark serve` "
+                  "(none recorded on the head)", file=sys.stderr)
+            return 2
+
+        def restart():
+            cluster.down(inv)
+            main(saved)
+
+    print(f"watchdog: watching {url}/metrics every {args.interval:g} s; a stall is "
+          f"{args.stall_seconds:g} s without a token while requests run")
+    stalls = watchdog.watch(inv, url, stall_seconds=args.stall_seconds, interval=args.interval,
+                            out_dir=Path(args.out), restart=restart,
+                            max_restarts=args.max_restarts if args.restart else 0)
+    return 1 if stalls else 0
 
 
 def _status(args, inv) -> int:
@@ -156,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("vllm_args", nargs=argparse.REMAINDER,
                     help="after --: arguments for vLLM unchanged")
     sub.add_parser("recipes", help="list the serve presets (--recipe NAME) and their flags")
+    sp = add("watchdog", _watchdog, "stop-the-world detector: requests in flight and no token "
+             "for --stall-seconds -> every node's logs collected, the stalled node named")
+    sp.add_argument("--stall-seconds", type=float, default=120)
+    sp.add_argument("--interval", type=float, default=5, help="seconds between /metrics reads")
+    sp.add_argument("--url", help="server base URL (default: the head's serve address)")
+    sp.add_argument("--out", default=".", help="where the stall-<time> log dirs go")
+    sp.add_argument("--restart", action="store_true",
+                    help="after a stall: `down`, then the last `serve` again")
+    sp.add_argument("--max-restarts", type=int, default=3)
     add("status", _status, "Ray nodes alive, by host")
     sp = add("logs", _logs, "print (or follow) the server log on the head")
     sp.add_argument("-f", "--follow", action="store_true")
@@ -186,7 +228,9 @@ def _recipes() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.command == "recipes":
         return _recipes()
     if getattr(args, "vllm_args", None) and args.vllm_args[0] == "--":

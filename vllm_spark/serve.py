@@ -118,6 +118,20 @@ def _prepare(inv: Inventory, plan: ServePlan, nccl_debug: bool):
     return report, envs, inv.serve_host or head["address"]
 
 
+def record_serve_argv(inv: Inventory, argv: list[str]) -> None:
+    """Keep the ``vllm-spark serve`` arguments on the head (the watchdog's ``--restart``)."""
+    remote.prepare_state_dir(inv.head)
+    remote.write_secret(inv.head, f"{inv.head.state_dir}/serve.argv.json", json.dumps(argv))
+
+
+def last_serve_argv(inv: Inventory) -> list[str] | None:
+    head = inv.head
+    remote.prepare_state_dir(head)
+    res = remote.run(head, [head.python, "-c", remote.STATEDIR_SOURCE, "read",
+                            f"{head.state_dir}/serve.argv.json"], check=False)
+    return json.loads(res.stdout) if res.rc == 0 else None
+
+
 def _new_api_key(inv: Inventory, log) -> dict[str, str]:
     """A fresh key in the head's state dir; returns env_files for the server."""
     head = inv.head
