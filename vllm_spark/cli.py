@@ -80,13 +80,7 @@ def _watchdog(args, inv) -> int:
 
     from vllm_spark import watchdog
 
-    url = args.url
-    if not url:
-        report = preflight.run_preflight(inv, ports=[], model_check=False)
-        if inv.head.name not in report.facts:
-            raise preflight.PreflightFailed(report)
-        url = f"http://{inv.serve_host or report.facts[inv.head.name]['address']}:" \
-              f"{inv.serve_port}"
+    url = _server_url(args, inv)
     restart = None
     if args.restart:
         saved = serve.last_serve_argv(inv)
@@ -105,6 +99,34 @@ def _watchdog(args, inv) -> int:
                             out_dir=Path(args.out), restart=restart,
                             max_restarts=args.max_restarts if args.restart else 0)
     return 1 if stalls else 0
+
+
+def _server_url(args, inv) -> str:
+    if args.url:
+        return args.url
+    report = preflight.run_preflight(inv, ports=[], model_check=False)
+    if inv.head.name not in report.facts:
+        raise preflight.PreflightFailed(report)
+    return f"http://{inv.serve_host or report.facts[inv.head.name]['address']}:{inv.serve_port}"
+
+
+def _bench(args, inv) -> int:
+    from pathlib import Path
+
+    from vllm_spark import bench
+
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        print(f"vllm-spark: --concurrency takes numbers like 1,4,16, got {args.concurrency!r}",
+              file=sys.stderr)
+        return 2
+    bench.run_bench(inv, _server_url(args, inv), levels, out_dir=Path(args.out),
+                    gpus=args.gpus or sum(n.num_gpus for n in inv.nodes),
+                    prompts_per_level=args.prompts_per_level, input_len=args.input_len,
+                    output_len=args.output_len, model=args.model,
+                    api_key=not args.no_api_key)
+    return 0
 
 
 def _status(args, inv) -> int:
@@ -127,6 +149,11 @@ def _logs(args, inv) -> int:
 
 def _down(args, inv) -> int:
     return 0 if cluster.down(inv) else 1
+
+
+def _nccl_probe(args, inv) -> int:
+    res = cluster.nccl_probe(inv, mb=args.mb, iters=args.iters)
+    return 1 if res["transport"] == "socket" else 0
 
 
 def _firewall(args, inv) -> int:
@@ -198,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--restart", action="store_true",
                     help="after a stall: `down`, then the last `serve` again")
     sp.add_argument("--max-restarts", type=int, default=3)
+    sp = add("bench", _bench, "vllm bench serve at several concurrencies; PNG of tokens/s "
+             "per GPU vs tokens/s per user")
+    sp.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated levels")
+    sp.add_argument("--prompts-per-level", type=int, default=8,
+                    help="prompts per run = this x the concurrency")
+    sp.add_argument("--input-len", type=int, default=1024)
+    sp.add_argument("--output-len", type=int, default=256)
+    sp.add_argument("--gpus", type=int, help="GPUs serving (default: the inventory's num_gpus)")
+    sp.add_argument("--model", help="served model name (default: the server's first)")
+    sp.add_argument("--url", help="server base URL (default: the head's serve address)")
+    sp.add_argument("--no-api-key", action="store_true", help="the server has no API key")
+    sp.add_argument("--out", default="vllm-spark-bench", help="directory for JSON and PNG")
     add("status", _status, "Ray nodes alive, by host")
     sp = add("logs", _logs, "print (or follow) the server log on the head")
     sp.add_argument("-f", "--follow", action="store_true")
@@ -206,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the vllm serve log or the `ray start` log")
     sp.add_argument("-n", "--lines", type=int, default=100)
     add("down", _down, "stop the server and Ray on every node")
+    sp = add("nccl-probe", _nccl_probe, "a short all-reduce across the nodes: RDMA or "
+             "sockets, and its bus bandwidth")
+    sp.add_argument("--mb", type=float, default=256, help="MiB per all-reduce")
+    sp.add_argument("--iters", type=int, default=20)
     sp = add("firewall", _firewall, "nftables rules keeping Ray's ports (which listen on "
              "every interface) on the cluster network; print, or --apply on every node")
     sp.add_argument("--apply", action="store_true", help="load the rules with `nft -f -`")

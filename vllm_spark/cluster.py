@@ -15,7 +15,7 @@ import json
 import secrets
 import time
 
-from vllm_spark import remote
+from vllm_spark import netenv, remote
 from vllm_spark.inventory import Inventory, Node
 from vllm_spark.preflight import PreflightFailed, Report, node_envs, run_preflight
 
@@ -141,7 +141,7 @@ def stop_node(node: Node) -> int:
     """Stop the server and Ray sessions vllm-spark recorded on ``node``; returns how many
     processes would not die."""
     remote.prepare_state_dir(node)
-    return remote.stop_recorded(node, [SERVE, RAY_NODE])
+    return remote.stop_recorded(node, [SERVE, RAY_NODE, PROBE])
 
 
 def down(inv: Inventory, log=print) -> bool:
@@ -172,3 +172,67 @@ def status(inv: Inventory, log=print) -> list[dict]:
         log(f"{node.name} {addr}: " + (f"alive, {n['resources'].get('GPU', 0):g} GPU, "
                                        f"{n['resources'].get('CPU', 0):g} CPU" if n else "NOT in Ray"))
     return alive
+
+
+PROBE = "ncclprobe"
+
+
+def nccl_probe(inv: Inventory, *, mb: float = 256, iters: int = 20, timeout: float = 300,
+               log=print) -> dict:
+    """Run :mod:`vllm_spark.nccl_probe` on every node at once; returns rank 0's result with
+    ``transport`` ('ib', 'socket', or 'gloo' on CPU nodes) and logs one verdict line."""
+    report = run_preflight(inv, ports=[], model_check=False)
+    if not report.ok:
+        raise PreflightFailed(report)
+    envs = node_envs(inv, report.facts)
+    master = report.facts[inv.head.name]["address"]
+    port = inv.master_port + 1
+    for rank, node in enumerate(inv.nodes):
+        env = {**envs[node.name], "NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}
+        remote.start_detached(node, PROBE, [node.python, "-m", "vllm_spark.nccl_probe",
+                                            str(rank), str(len(inv.nodes)), master, str(port),
+                                            str(mb), str(iters)], env)
+    deadline = time.time() + timeout
+    pending = list(inv.nodes)
+    while pending:
+        pending = [n for n in pending if remote.detached_state(n, PROBE) != "DEAD"]
+        if pending and time.time() > deadline:
+            for n in inv.nodes:
+                remote.stop_recorded(n, [PROBE], grace=2)
+            raise remote.NodeError(pending[0].name, f"NCCL probe did not finish within "
+                                   f"{timeout:.0f} s", f"read {pending[0].state_dir}/"
+                                   f"{PROBE}.log; check the firewall lets the nodes reach "
+                                   f"{master}:{port}")
+        time.sleep(0.5)
+    logs = {n.name: remote.run(n, ["cat", f"{n.state_dir}/{PROBE}.log"], check=False).stdout
+            for n in inv.nodes}
+    results = {}
+    for name, text in logs.items():
+        for line in text.splitlines():
+            if line.startswith('{"probe": "allreduce"'):
+                results[name] = json.loads(line)
+    for n in inv.nodes:
+        if n.name not in results:
+            tail = logs[n.name].strip().splitlines()[-3:]
+            raise remote.NodeError(n.name, f"NCCL probe failed: {' | '.join(tail)}",
+                                   f"read {n.state_dir}/{PROBE}.log on {n.name}")
+    head = results[inv.head.name]
+    transport = ("gloo" if head["backend"] == "gloo" else
+                 netenv.nccl_transport("\n".join(logs.values())) or "unknown")
+    head["transport"] = transport
+    size = f"{head['bytes'] / (1 << 20):.0f} MiB all-reduce x {iters}"
+    bw = f"{head['busbw_GBps']:.2f} GB/s bus bandwidth"
+    names = " <-> ".join(n.name for n in inv.nodes)
+    if transport == "ib":
+        log(f"NCCL probe {names}: RDMA (NET/IB), {bw} ({size})")
+    elif transport == "socket":
+        log(f"ERROR {inv.head.name}: NCCL probe {names} used sockets (NET/Socket), {bw} "
+            f"({size}) -> fix: check the RDMA devices (/sys/class/infiniband, `ibdev2netdev`) "
+            "and NCCL_IB_HCA on every node (`vllm-spark preflight`)")
+    elif transport == "gloo":
+        log(f"NCCL probe {names}: no CUDA, so Gloo over TCP (no NCCL on these nodes), {bw} "
+            f"({size})")
+    else:
+        log(f"note  {inv.head.name}: NCCL probe {names}: {bw} ({size}), NCCL printed no "
+            "transport line -> fix: check NCCL_DEBUG is not overridden in env")
+    return head

@@ -28,7 +28,7 @@ def protected_ports(inv: Inventory) -> list[str]:
     out = []
     for value in ray_ports(inv).values():
         out.append(f"{value[0]}-{value[1]}" if isinstance(value, tuple) else str(value))
-    out.append(str(inv.master_port))
+    out.append(f"{inv.master_port}-{inv.master_port + 1}")  # native mode, nccl-probe
     return out
 
 

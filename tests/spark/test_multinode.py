@@ -362,3 +362,15 @@ def test_firewall_keeps_ray_ports_on_the_cluster_network(nodes, model_dir, tmp_p
             subprocess.run(["ip", "netns", "exec", nodes.ns(i), "nft", "delete", "table", "inet",
                             "vllm_spark_fw"], capture_output=True)
         subprocess.run(["ip", "link", "del", mgmt_host], capture_output=True)
+
+
+def test_nccl_probe_runs_a_collective_across_the_nodes(nodes, model_dir, tmp_path):
+    """The probe's launch, rendezvous over the cluster address and verdict, for real across
+    the namespaces. These nodes have no CUDA, so the collective is Gloo's; which transport
+    NCCL took is read from NCCL's own log lines (test_preflight_checks)."""
+    inv = make_inventory(nodes, model_dir, tmp_path, name="probe")
+    r = run_cli("nccl-probe", "-i", inv.path, "--mb", "8", "--iters", "5", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("NCCL probe spark1 <-> spark2")]
+    assert line and "Gloo over TCP" in line[0] and "8 MiB all-reduce x 5" in line[0], r.stdout
+    assert float(line[0].split("), ")[1].split(" GB/s")[0]) > 0
