@@ -24,7 +24,9 @@ from vllm_spark.inventory import InventoryError, load_inventory
 
 def _preflight(args, inv) -> int:
     ports = None if args.stage == "up" else [inv.serve_port]
-    report = preflight.run_preflight(inv, ports=ports, full_hash=args.full_hash)
+    # at the serve stage a Ray cluster should be up: every node's token must match the head's
+    report = preflight.run_preflight(inv, ports=ports, full_hash=args.full_hash,
+                                     tokens=args.stage == "serve")
     for line in report.lines():
         print(line)
     print("preflight: OK" if report.ok else "preflight: FAILED")

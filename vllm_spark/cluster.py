@@ -159,7 +159,10 @@ def down(inv: Inventory, log=print) -> bool:
 
 
 def status(inv: Inventory, log=print) -> list[dict]:
-    report = run_preflight(inv, ports=[], model_check=False)
+    report = run_preflight(inv, ports=[], model_check=False, tokens=True)
+    for line in report.lines():
+        if line.startswith("ERROR"):
+            log(line)
     if inv.head.name not in report.facts:
         raise PreflightFailed(report)
     envs = node_envs(inv, report.facts) if report.ok else {

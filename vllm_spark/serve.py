@@ -109,7 +109,8 @@ def check_plan(inv: Inventory, plan: ServePlan) -> None:
 
 def _prepare(inv: Inventory, plan: ServePlan, nccl_debug: bool):
     check_plan(inv, plan)
-    report = run_preflight(inv, ports=[inv.serve_port], model_check=True)
+    report = run_preflight(inv, ports=[inv.serve_port], model_check=True,
+                           tokens=plan.mode == "ray")
     if not report.ok:
         raise PreflightFailed(report)
     head = report.facts[inv.head.name]

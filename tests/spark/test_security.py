@@ -275,3 +275,46 @@ def test_node_field_is_internal_and_not_in_roundtrip():
     inv = parse_inventory(_inv())
     host = inventory_to_dict(inv)["hosts"][0]
     assert "state_name" not in host and "state_ready" not in host
+
+
+# ------------------------------------------------------------------ teardown
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"
+
+
+def test_teardown_stops_the_recorded_session_and_nothing_else(tmp_path):
+    inv = parse_inventory(_inv(state_dir=str(tmp_path / "state")))
+    node = inv.head
+    remote.prepare_state_dir(node)
+    env = {"RAY_AUTH_TOKEN_PATH": node.token_path, "MARK": "ours"}
+    # a leader with a child and a grandchild in its session (like ray start -> raylet -> worker)
+    remote.start_detached(node, "serve", ["bash", "-c", "sleep 300 & (sleep 300 & wait) & wait"],
+                          env)
+    leader = int((Path(node.state_dir) / "serve.pid").read_text().split()[0])
+    deadline = time.time() + 10
+    members = []
+    while time.time() < deadline and len(members) < 4:
+        members = [int(p) for p in os.listdir("/proc") if p.isdigit() and _alive(int(p))
+                   and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[3]
+                   == str(leader)]
+        time.sleep(0.1)
+    assert len(members) >= 4, members
+    # a bystander with the very same environment and command line, outside the session
+    bystander = subprocess.Popen(["sleep", "300"], env={**os.environ, **env},
+                                 start_new_session=True)
+    # and a pid file naming a live process with another start time (a reused pid)
+    (Path(node.state_dir) / "ray.pid").write_text(f"{bystander.pid} 1\n")
+    try:
+        assert remote.stop_recorded(node, ["serve", "ray"], grace=5) == 0
+        assert not [p for p in members if _alive(p)], "a process of the session survived"
+        assert bystander.poll() is None, "teardown killed a process it did not start"
+        assert not (Path(node.state_dir) / "serve.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
