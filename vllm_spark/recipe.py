@@ -47,6 +47,16 @@ class Recipe(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     vllm_args: dict[str, FlagValue] = Field(default_factory=dict)
 
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict) -> dict:
+        import re
+
+        for key, v in value.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or "\0" in v:
+                raise ValueError(f"env key {key!r} is not a shell identifier")
+        return value
+
     @field_validator("vllm_args")
     @classmethod
     def _flags(cls, value: dict) -> dict:

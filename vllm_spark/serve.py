@@ -244,7 +244,15 @@ def job_submit_argv(inv: Inventory, plan: ServePlan, env: dict[str, str], host: 
     return [head.python, "-m", "ray.scripts.scripts", "job", "submit",
             "--address", f"http://{dash}:{inv.dashboard_port}",
             "--submission-id", submission_id, "--runtime-env-json", json.dumps(runtime_env),
-            "--no-wait", "--", "bash", "-c", shlex.quote(key + server)]
+            # `ray job submit` shell-quotes each entrypoint word itself
+            "--no-wait", "--", "bash", "-c", key + server]
+
+
+# On the head: a job's status / the end of its logs, through Ray's job SDK.
+JOB_STATUS = ("import sys\nfrom ray.job_submission import JobSubmissionClient\n"
+              "print(JobSubmissionClient(sys.argv[1]).get_job_status(sys.argv[2]).value)")
+JOB_LOGS = ("import sys\nfrom ray.job_submission import JobSubmissionClient\n"
+            "print(JobSubmissionClient(sys.argv[1]).get_job_logs(sys.argv[2])[-4000:])")
 
 
 def submit_job(inv: Inventory, plan: ServePlan, *, nccl_debug: bool = False,
@@ -274,12 +282,17 @@ def submit_job(inv: Inventory, plan: ServePlan, *, nccl_debug: bool = False,
             if probe.rc == 0:
                 log(f"serving at {url} (Ray job {sid})")
                 return sid
-            st = remote.run(inv.head, [inv.head.python, "-m", "ray.scripts.scripts", "job",
-                                       "status", "--address", argv[argv.index("--address") + 1],
-                                       sid], env=auth, check=False)
-            if "FAILED" in st.stdout or "STOPPED" in st.stdout:
-                raise remote.NodeError(inv.head.name, f"Ray job {sid} ended: "
-                                       f"{st.last_line()}", f"`ray job logs {sid}` on the head")
+            st = remote.run(inv.head, [inv.head.python, "-c", JOB_STATUS,
+                                       argv[argv.index("--address") + 1], sid],
+                            env=auth, check=False)
+            status = st.stdout.strip().splitlines()[-1] if st.stdout.strip() else "UNKNOWN"
+            if status in ("FAILED", "STOPPED", "SUCCEEDED"):
+                logs = remote.run(inv.head, [inv.head.python, "-c", JOB_LOGS,
+                                             argv[argv.index("--address") + 1], sid],
+                                  env=auth, check=False).stdout.strip().splitlines()[-3:]
+                raise remote.NodeError(inv.head.name, f"Ray job {sid} {status.lower()}: "
+                                       f"{' | '.join(logs)}", f"`ray job logs {sid}` on "
+                                       "the head")
             time.sleep(3)
         raise remote.NodeError(inv.head.name, f"Ray job {sid} not healthy after {timeout:.0f} s",
                                f"`ray job logs {sid}` on the head")

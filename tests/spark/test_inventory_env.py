@@ -98,7 +98,7 @@ def test_job_entrypoint_carries_only_node_independent_env():
     assert "VLLM_HOST_IP" not in runtime_env and "RAY_AUTH_TOKEN_PATH" not in runtime_env
     entry = argv[argv.index("--") + 1:]
     assert entry[:2] == ["bash", "-c"]
-    server = shlex.split(shlex.split(entry[2])[0])
+    server = shlex.split(entry[2])
     key_read, server = server[:2], server[2:]
     assert key_read[0] == "export" and "VLLM_API_KEY=" in key_read[1]
     assert server[:4] == ["exec", "/venv/bin/python", "-m", serve.SERVER_MODULE]

@@ -48,6 +48,9 @@ def _ray_available() -> None:
         pytest.fail("ray is not installed in the test venv: scripts/cpu-env.sh installs it")
 
 
+STATE_DIRS: set[str] = set()  # the nodes' state dirs this module created
+
+
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
     _ray_available()
@@ -57,6 +60,8 @@ def nodes(tmp_path_factory):
         yield n
     finally:
         n.stop()
+        for d in STATE_DIRS:  # Ray session dirs and logs: gigabytes over many runs
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +85,7 @@ def make_inventory(nodes: NetnsNodes, cluster_model: str, tmp: Path, name: str =
     inv = parse_inventory(data, str(path))
     if "ssh" not in host1:
         for node in inv.nodes:  # the private state dirs, resolved on the nodes over SSH
-            remote.prepare_state_dir(node)
+            STATE_DIRS.add(remote.prepare_state_dir(node))
     return inv
 
 
@@ -267,6 +272,27 @@ def test_serve_tp2_across_two_nodes_over_ray(nodes, model_dir, tmp_path):
     deadline = time.time() + 20
     while _ours(inv) and time.time() < deadline:
         time.sleep(0.5)
+    assert not _ours(inv), f"processes left after down: {_ours(inv)}"
+
+
+def test_serve_tp2_as_a_ray_job(nodes, model_dir, tmp_path):
+    """`up`, then the same server submitted with `ray job submit` (through the head's
+    dashboard on 127.0.0.1, token auth), TP=2 across both nodes."""
+    inv = make_inventory(nodes, model_dir, tmp_path, name="job")
+    vllm_args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "256",
+                 "--served-model-name", "tiny"]
+    try:
+        r = run_cli("up", "-i", inv.path, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        r = run_cli("serve", "-i", inv.path, "--tp", "2", "--via-job", "--timeout", "400", "--",
+                    *vllm_args, timeout=480)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        assert "submitted Ray job vllm-spark-" in r.stdout
+        url = f"http://{nodes.address(0)}:{inv.serve_port}"
+        _check_api_key(inv, url, _api_key(r.stdout))
+    finally:
+        r = run_cli("down", "-i", inv.path, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert not _ours(inv), f"processes left after down: {_ours(inv)}"
 
 

@@ -68,6 +68,8 @@ def test_a_flag_vllm_does_not_know_fails_the_parse():
     ("name: t\ndescription: d\nmodel: m\nnodes: 1\nvllm_args: {--port: 1}\n", "without dashes"),
     ("name: t\ndescription: d\nmodel: m\nnodes: 1\nvllm_args: {api-key: k}\n", "set by vllm-spark"),
     ("name: other\ndescription: d\nmodel: m\nnodes: 1\n", "differs from the file name"),
+    ("name: t\ndescription: d\nmodel: m\nnodes: 1\nenv: {'A;touch x': '1'}\n",
+     "not a shell identifier"),
 ])
 def test_bad_recipe_files_are_refused(tmp_path, text, message):
     path = tmp_path / "t.yaml"

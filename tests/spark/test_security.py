@@ -230,9 +230,8 @@ def as_user(request, tmp_path_factory):
         os.chown(work, uid, -1)
     yield user, base, planted, uid
     shutil.rmtree(base, ignore_errors=True)
-    if user:
-        shutil.rmtree(Path(pwd.getpwnam(user).pw_dir) / ".cache" / "vllm-spark",
-                      ignore_errors=True)
+    home = Path(pwd.getpwuid(uid).pw_dir)
+    shutil.rmtree(home / ".cache" / "vllm-spark" / "sec-n1", ignore_errors=True)
 
 
 def test_state_dir_and_token_are_private(as_user):
