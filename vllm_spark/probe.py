@@ -211,7 +211,10 @@ def mem_available_bytes() -> int | None:
 
 
 def port_free(address: str, port: int) -> bool:
+    """Can a server bind ``address:port``? With SO_REUSEADDR, as Ray, uvicorn and vLLM bind:
+    connections of a server that just stopped (TIME_WAIT) do not make the port busy."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind((address, port))
         return True

@@ -125,3 +125,30 @@ def test_port_free_sees_a_listener():
         assert port_free("127.0.0.1", s.getsockname()[1]) is False
     finally:
         s.close()
+
+
+def test_port_of_a_stopped_server_is_free_despite_time_wait():
+    """A server that just stopped leaves its connections in TIME_WAIT; Ray and vLLM bind
+    with SO_REUSEADDR and start fine, so preflight must not call the port busy."""
+    import socket
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    conn.close()  # the server side closes first: its end goes to TIME_WAIT
+    cli.recv(1)
+    cli.close()
+    srv.close()
+    plain = socket.socket()
+    try:
+        plain.bind(("127.0.0.1", port))
+        pytest.skip("no TIME_WAIT left on this kernel: nothing to show")
+    except OSError:
+        pass  # a bind without SO_REUSEADDR fails here
+    finally:
+        plain.close()
+    assert port_free("127.0.0.1", port) is True
