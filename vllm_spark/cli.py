@@ -1,4 +1,5 @@
-"""``vllm-spark`` command line: one Ray cluster over SSH, one vLLM server across it.
+"""``vllm-spark`` command line: one vLLM server across nodes reached over SSH (Ray, or
+vLLM's native multi-node).
 
     vllm-spark preflight -i sparks.yaml          # every problem, one line each; exit 1 if any
     vllm-spark up        -i sparks.yaml          # preflight + Ray head/workers (token auth)
@@ -8,6 +9,9 @@
     vllm-spark serve     -i sparks.yaml --recipe qwen3-235b-a22b-nvfp4   # a preset
     vllm-spark status | logs [-f] | down | sync-model [--delete] | firewall  -i sparks.yaml
     vllm-spark recipes                            # the presets and their vllm serve flags
+    vllm-spark watchdog  -i sparks.yaml --stall-seconds 120 [--restart]
+    vllm-spark bench     -i sparks.yaml --concurrency 1,4,16   # PNG: tok/s/GPU vs tok/s/user
+    vllm-spark nccl-probe -i sparks.yaml          # RDMA or sockets, bus bandwidth
 
 Options after ``--`` go to vLLM unchanged (``-- --max-model-len 32768``).
 """
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("up", _up, "start the Ray head and workers over SSH")
     sp.add_argument("--nccl-debug", action="store_true", help="NCCL_DEBUG=INFO on every node")
     sp.add_argument("--timeout", type=float, default=120)
-    sp = add("serve", _serve, "start vllm serve across the cluster (Ray executor)")
+    sp = add("serve", _serve, "start vllm serve across the cluster (--mode ray or native)")
     sp.add_argument("--model", help="model directory (default: the inventory's)")
     sp.add_argument("--recipe", help="a preset from `vllm-spark recipes` (or a YAML path)")
     sp.add_argument("--tp", type=int, help="tensor-parallel size (default 1, or the recipe's)")
