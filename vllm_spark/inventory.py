@@ -17,12 +17,19 @@ any of them. The first host is the Ray head (where ``vllm serve`` runs)::
 
 ``ssh: local`` runs that node's commands on this machine without SSH (single-host tests and
 benchmarks). Unknown keys are refused with the key, the host and the allowed keys.
+
+Values are checked before any of them reaches a shell or an argv: names are plain words,
+``env`` keys are shell identifiers, ``ssh`` is ``[user@]host`` (never something ssh would
+read as an option), ``ssh_options`` cannot run local commands (``ProxyCommand`` and
+friends belong in ``~/.ssh/config``), addresses are IP addresses, paths are absolute and
+free of control characters. Every value is still quoted (``shlex.quote``) where used.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -35,7 +42,8 @@ NODE_KEYS = {
     "address": "cluster-network address of the node (default: the interface's IPv4 address)",
     "python": "Python interpreter on the node that has vLLM and Ray",
     "model": "model directory on the node",
-    "state_dir": "directory on the node for Ray's temp dir, logs and the auth token",
+    "state_dir": "private directory on the node for Ray's temp dir, logs, the auth token "
+                 "and API key (default ~/.cache/vllm-spark/<cluster>-<host>, mode 0700)",
     "env": "extra environment variables for Ray and vLLM on the node",
     "num_gpus": "GPUs (or, on CPU-only nodes, worker slots) this node offers to Ray",
 }
@@ -46,6 +54,7 @@ CLUSTER_KEYS = {
     "dashboard_host": "address the dashboard binds to (default 127.0.0.1; never all "
                       "interfaces unless you write 0.0.0.0 here)",
     "serve_port": "port of the OpenAI API server on the head",
+    "master_port": "rendezvous port on the head for `--mode native` (vLLM's --master-port)",
     "serve_host": "address the API server binds to (default: the head's cluster address)",
     **NODE_KEYS,
 }
@@ -65,21 +74,34 @@ class Node:
     address: str | None = None
     python: str = "python3"
     model: str | None = None
-    state_dir: str = ""
+    state_dir: str = ""  # "" until resolved on the node (statedir.default_state_dir)
     env: dict[str, str] = field(default_factory=dict)
     num_gpus: int = 1
+    # Set by remote.prepare_state_dir once the directory is checked on the node.
+    state_name: str = field(default="", metadata={"internal": True})
+    state_ready: bool = field(default=False, metadata={"internal": True})
 
     @property
     def is_local(self) -> bool:
         return self.ssh == "local"
 
+    def _state(self, leaf: str) -> str:
+        if not self.state_dir:
+            raise RuntimeError(f"{self.name}: state dir used before it was checked on the node "
+                               "(remote.prepare_state_dir)")
+        return f"{self.state_dir}/{leaf}"
+
     @property
     def ray_temp_dir(self) -> str:
-        return f"{self.state_dir}/ray"
+        return self._state("ray")
 
     @property
     def token_path(self) -> str:
-        return f"{self.state_dir}/auth_token"
+        return self._state("auth_token")
+
+    @property
+    def api_key_path(self) -> str:
+        return self._state("api_key")
 
     def where(self) -> str:
         """How the node is reached, for messages."""
@@ -94,6 +116,7 @@ class Inventory:
     dashboard_port: int = 8265
     dashboard_host: str = "127.0.0.1"
     serve_port: int = 8000
+    master_port: int = 29501
     serve_host: str | None = None
     path: str | None = None
 
@@ -161,6 +184,72 @@ def _typed(value, kind, key: str, where: str):
 
 _NODE_TYPES = {"ssh_options": "list", "env": "env", "num_gpus": int}
 
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SSH_DEST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?"
+                       r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])")
+_IFACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}")
+# ssh options that run a command on this machine (or load code) when ssh connects.
+_SSH_COMMAND_OPTIONS = ("proxycommand", "localcommand", "permitlocalcommand",
+                        "knownhostscommand", "pkcs11provider", "securitykeyprovider", "match")
+
+
+def _bad_chars(value: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in value)
+
+
+def _check_path(value: str, key: str, where: str) -> None:
+    if _bad_chars(value):
+        raise InventoryError(f"{where}.{key} contains a control character (newline?): "
+                             f"{value!r}")
+    if not (value.startswith("/") or value.startswith("~/")):
+        raise InventoryError(f"{where}.{key} must be an absolute path (/... or ~/...), got "
+                             f"{value!r}")
+
+
+def _check_ssh_options(opts: list[str], where: str) -> None:
+    for i, opt in enumerate(opts):
+        if _bad_chars(opt):
+            raise InventoryError(f"{where}.ssh_options[{i}] contains a control character")
+        # `-oName=value`, `-o Name=value`, `-o Name value`: look at every word for the name
+        text = opt[2:] if opt.startswith("-o") else opt
+        name = re.split(r"[=\s]", text.strip(), maxsplit=1)[0].lower()
+        if name in _SSH_COMMAND_OPTIONS:
+            raise InventoryError(
+                f"{where}.ssh_options[{i}] {opt!r} would run a command on this machine; "
+                "put ProxyCommand/LocalCommand in ~/.ssh/config (or use -J/ProxyJump)")
+
+
+def _validate_node(values: dict, where: str) -> None:
+    """Refuse values that could change what a command means (see the module docstring)."""
+    ssh = values["ssh"]
+    if ssh != "local" and not _SSH_DEST.fullmatch(ssh):
+        raise InventoryError(f"{where}.ssh must be user@host or host (letters, digits, "
+                             f"'.', '-', '_'; an IPv6 address in brackets) or 'local', got "
+                             f"{ssh!r}" + (" (it would be read as an ssh option)"
+                                           if ssh.startswith("-") else ""))
+    _check_ssh_options(values.get("ssh_options", []), where)
+    if values.get("interface") and not _IFACE.fullmatch(values["interface"]):
+        raise InventoryError(f"{where}.interface must be an interface name (at most 15 of "
+                             f"letters, digits, '_.:@-'), got {values['interface']!r}")
+    if values.get("address"):
+        try:
+            ipaddress.ip_address(values["address"])
+        except ValueError:
+            raise InventoryError(f"{where}.address must be an IP address, got "
+                                 f"{values['address']!r}") from None
+    for key in ("python", "model", "state_dir"):
+        if values.get(key):
+            _check_path(values[key], key, where)
+    for k, v in values.get("env", {}).items():
+        if not _ENV_KEY.fullmatch(k):
+            raise InventoryError(f"{where}.env key {k!r} is not a shell identifier "
+                                 "(letters, digits and '_', not starting with a digit)")
+        if "\0" in v:
+            raise InventoryError(f"{where}.env[{k}] contains a NUL byte")
+    if values.get("num_gpus", 1) < 1:
+        raise InventoryError(f"{where}.num_gpus must be at least 1")
+
 
 def parse_inventory(data: dict, path: str | None = None) -> Inventory:
     """Build an :class:`Inventory` from the parsed file; every error names the key."""
@@ -175,12 +264,18 @@ def parse_inventory(data: dict, path: str | None = None) -> Inventory:
         raise InventoryError(f"{src}: 'hosts' must be a list of at least one host")
 
     name = _typed(cluster.get("name", "spark"), "str", "name", "cluster")
+    if not _WORD.fullmatch(name):
+        raise InventoryError(f"{src}: cluster.name must be a plain word (letters, digits, "
+                             f"'._-'), got {name!r}")
     nodes: list[Node] = []
     for i, host in enumerate(hosts):
         if not isinstance(host, dict):
             raise InventoryError(f"{src}: hosts[{i}] must be a mapping, got {host!r}")
         _check_keys(host, {"name": "", **NODE_KEYS}, f"{src}: hosts[{i}]")
         hname = _typed(host.get("name", f"node{i}"), "str", "name", f"hosts[{i}]")
+        if not _WORD.fullmatch(hname):
+            raise InventoryError(f"{src}: hosts[{i}].name must be a plain word (letters, "
+                                 f"digits, '._-'), got {hname!r}")
         values: dict = {}
         for key in NODE_KEYS:
             if key in host:
@@ -202,19 +297,28 @@ def parse_inventory(data: dict, path: str | None = None) -> Inventory:
                 ipaddress.ip_network(values["subnet"], strict=False)
             except ValueError as e:
                 raise InventoryError(f"hosts[{hname}].subnet: {e}") from None
-        values.setdefault("state_dir", f"/tmp/vllm-spark/{name}-{hname}")
-        nodes.append(Node(name=hname, **values))
+        _validate_node(values, f"hosts[{hname}]")
+        nodes.append(Node(name=hname, state_name=f"{name}-{hname}", **values))
 
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
         raise InventoryError(f"{src}: host names must be unique, got {names}")
     inv = Inventory(name=name, nodes=nodes, path=path)
-    for key in ("ray_port", "dashboard_port", "serve_port"):
+    for key in ("ray_port", "dashboard_port", "serve_port", "master_port"):
         if key in cluster:
             setattr(inv, key, _typed(cluster[key], int, key, "cluster"))
     for key in ("dashboard_host", "serve_host"):
         if key in cluster:
-            setattr(inv, key, _typed(cluster[key], "str", key, "cluster"))
+            value = _typed(cluster[key], "str", key, "cluster")
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise InventoryError(f"{src}: cluster.{key} must be an IP address, got "
+                                     f"{value!r}") from None
+            setattr(inv, key, value)
+    for key in ("ray_port", "dashboard_port", "serve_port", "master_port"):
+        if not 1 <= getattr(inv, key) <= 65535:
+            raise InventoryError(f"{src}: cluster.{key} must be a TCP port (1-65535)")
     return inv
 
 
@@ -228,7 +332,8 @@ def load_inventory(path: str | Path) -> Inventory:
 def inventory_to_dict(inv: Inventory) -> dict:
     """The inverse of :func:`parse_inventory` (every host spelled out)."""
     cluster = {"name": inv.name, "ray_port": inv.ray_port, "dashboard_port": inv.dashboard_port,
-               "dashboard_host": inv.dashboard_host, "serve_port": inv.serve_port}
+               "dashboard_host": inv.dashboard_host, "serve_port": inv.serve_port,
+               "master_port": inv.master_port}
     if inv.serve_host:
         cluster["serve_host"] = inv.serve_host
     hosts = []
@@ -236,7 +341,7 @@ def inventory_to_dict(inv: Inventory) -> dict:
         h = {"name": n.name}
         for f in fields(Node):
             v = getattr(n, f.name)
-            if f.name != "name" and v not in (None, [], {}):
+            if f.name != "name" and not f.metadata.get("internal") and v not in (None, [], {}, ""):
                 h[f.name] = v
         hosts.append(h)
     return {"cluster": cluster, "hosts": hosts}

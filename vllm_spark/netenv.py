@@ -12,6 +12,8 @@ the workers, ``vllm serve``, the Ray job's runtime_env and the benchmark all agr
 - ``VLLM_HOST_IP``: the cluster address (vLLM's workers report it to the driver).
 - ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``: Ray's token authentication (Ray 2.52+);
   the token lives in a 0600 file, never on a command line.
+- ``RAY_memory_monitor_refresh_ms=0`` on unified-memory nodes (DGX Spark's GB10): Ray's
+  memory monitor counts GPU memory as host memory there and kills vLLM's workers.
 """
 
 from __future__ import annotations
@@ -52,11 +54,13 @@ def ray_auth_env(token_path: str) -> dict[str, str]:
 
 def node_env(interface: str, address: str, cluster_interfaces: list[str],
              cluster_rdma: list[str], token_path: str, extra: dict[str, str] | None = None,
-             nccl_debug: bool = False) -> dict[str, str]:
+             nccl_debug: bool = False, unified_memory: bool = False) -> dict[str, str]:
     """Everything one node's processes need; ``extra`` (the inventory's env) wins."""
     env = {**comm_env(interface, address, cluster_interfaces, cluster_rdma),
            **ray_auth_env(token_path),
            "RAY_USAGE_STATS_ENABLED": "0"}
+    if unified_memory:
+        env["RAY_memory_monitor_refresh_ms"] = "0"
     if nccl_debug:
         env.update({"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"})
     env.update(extra or {})

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,12 @@ from pathlib import Path
 from vllm_spark import netenv, remote
 from vllm_spark.inventory import Inventory, Node
 from vllm_spark.probe import WEIGHT_SUFFIXES
+
+
+def table_name(inv: Inventory) -> str:
+    from vllm_spark.firewall import table_name as name
+
+    return name(inv)
 
 GiB = 1 << 30
 # Each node holds its share of the weights plus activations, KV cache and runtime.
@@ -55,9 +63,10 @@ class PreflightFailed(RuntimeError):
 
 
 def probe_node(node: Node, *, ports: list[int], full_hash: bool, model: str | None,
-               timeout: float = 120) -> dict:
+               timeout: float = 120, nft_table: str | None = None) -> dict:
     args = {"interface": node.interface, "subnet": node.subnet, "address": node.address,
-            "model": model, "full_hash": full_hash, "ports": ports}
+            "model": model, "full_hash": full_hash, "ports": ports, "nft_table": nft_table,
+            "env": node.env}
     source = (Path(__file__).parent / "probe.py").read_text()
     res = remote.run(node, [node.python, "-", json.dumps(args)], stdin=source,
                      timeout=timeout, check=False)
@@ -245,17 +254,252 @@ def check_ports(inv: Inventory, facts: dict[str, dict], ports: list[int]) -> lis
             for p in ports if f["ports_free"].get(str(p)) is False]
 
 
+# --------------------------------------------------------------- what breaks Spark clusters
+
+_TWIN = re.compile(r"en(?:P\d+)?(p\d+s\d+f\d+np\d+)")
+
+
+def twins(ifaces: dict, name: str) -> list[str]:
+    """The other netdevs of the same ConnectX-7 port: on a Spark each port appears twice,
+    once per PCIe link (``enp1s0f1np1`` and ``enP2p1s0f1np1``), each with its RDMA device;
+    NCCL reaches the port's full rate only over both."""
+    m = _TWIN.fullmatch(name)
+    if not m:
+        return []
+    return sorted(n for n in ifaces if n != name and (t := _TWIN.fullmatch(n))
+                  and t.group(1) == m.group(1))
+
+
+def cluster_rdma(f: dict) -> list[str]:
+    """RDMA devices behind the node's cluster interface and its up twins."""
+    names = [f["interface"], *[t for t in twins(f["interfaces"], f["interface"])
+                               if _usable(f["interfaces"][t])]]
+    return sorted({d for n in names for d in f["interfaces"][n]["rdma"]})
+
+
+def _usable(info: dict) -> bool:
+    return info["operstate"] in ("UP", "UNKNOWN") and "UP" in info["flags"] and bool(info["ipv4"])
+
+
+def _hca_list(value: str) -> tuple[bool, set[str]]:
+    """NCCL_IB_HCA parsed: (is an exclusion list '^...', device names without ports)."""
+    exclude = value.startswith("^")
+    value = value.lstrip("^=")
+    return exclude, {item.split(":")[0] for item in value.split(",") if item}
+
+
+def check_nccl(inv: Inventory, facts: dict[str, dict]) -> list[Problem]:
+    """The NCCL library each node's processes load, and its version: the same everywhere."""
+    out = []
+    seen = {n.name: facts[n.name].get("nccl") for n in inv.nodes if n.name in facts}
+    if not any(seen.values()):
+        return out  # no NCCL anywhere (CPU nodes)
+    ref_name = inv.head.name if seen.get(inv.head.name) else next(k for k, v in seen.items() if v)
+    ref = seen[ref_name]
+    for name, lib in seen.items():
+        if lib is None:
+            out.append(Problem(name, f"no libnccl found (NCCL {ref['version']} from "
+                               f"{ref['source']} on {ref_name})",
+                               f"install the same NCCL on {name} (`pip install "
+                               f"nvidia-nccl-cu12=={ref['version']}`)"))
+        elif name != ref_name and lib["version"] != ref["version"]:
+            out.append(Problem(name, f"NCCL {lib['version'] or 'of unknown version'} "
+                               f"({lib['source']}: {lib['path']}) here, {ref['version']} "
+                               f"({ref['source']}: {ref['path']}) on {ref_name}: ranks "
+                               "hang or fail on mismatched NCCL",
+                               f"load the same NCCL on every node (`pip install "
+                               f"nvidia-nccl-cu12=={ref['version']}` on {name}, or point "
+                               "env VLLM_NCCL_SO_PATH / LD_LIBRARY_PATH at the same "
+                               "libnccl everywhere)"))
+    return out
+
+
+def check_roce(inv: Inventory, facts: dict[str, dict]) -> list[Problem]:
+    """Twin interfaces of the ConnectX-7 port up, NCCL_IB_HCA covering them, and the RoCE
+    v2 GID index NCCL will use pointing at the node's IPv4 address."""
+    out = []
+    gid_choice: dict[str, int] = {}
+    for node in inv.nodes:
+        f = facts.get(node.name)
+        if not f or not f["interface"] or not f["interfaces"][f["interface"]]["rdma"]:
+            continue
+        iface = f["interface"]
+        for twin in twins(f["interfaces"], iface):
+            info = f["interfaces"][twin]
+            if info["rdma"] and not _usable(info):
+                state = "down" if "UP" not in info["flags"] else "without an IPv4 address"
+                out.append(Problem(node.name, f"{twin}, the twin of {iface} on the same "
+                                   f"ConnectX-7 port, is {state}: NCCL gets half the port's "
+                                   "bandwidth", f"bring {twin} up with an address on the "
+                                   "cluster subnet (`sudo ip link set " + twin + " up`; "
+                                   "netplan), as for " + iface))
+        wanted = cluster_rdma(f)
+        hca = node.env.get("NCCL_IB_HCA")
+        if hca:
+            exclude, listed = _hca_list(hca)
+            missing = sorted(listed & set(wanted)) if exclude else sorted(set(wanted) - listed)
+            if missing:
+                verb = "excludes" if exclude else "leaves out"
+                out.append(Problem(node.name, f"NCCL_IB_HCA={hca} {verb} "
+                                   f"{', '.join(missing)} (behind {iface} or its "
+                                   "twin)", f"set NCCL_IB_HCA={','.join(wanted)} or remove it "
+                                   "from env (vllm-spark sets it from the port's devices)"))
+        addrs = {c.split("/")[0] for n in [iface, *twins(f["interfaces"], iface)]
+                 for c in f["interfaces"][n]["ipv4"]}
+        for dev in wanted:
+            gids = f.get("gids", {}).get(dev, [])
+            good = [g for g in gids if (g["type"] or "").lower() == "roce v2"
+                    and _gid_ipv4(g["gid"]) in addrs]
+            env_index = node.env.get("NCCL_IB_GID_INDEX")
+            if env_index is not None:
+                g = next((g for g in gids if str(g["index"]) == env_index), None)
+                if g is None or g not in good:
+                    have = (f"{g['type']} {g['gid']}" if g else "empty")
+                    fix = (f"NCCL_IB_GID_INDEX={good[0]['index']} (RoCE v2, "
+                           f"{_gid_ipv4(good[0]['gid'])})" if good else
+                           f"give {iface} its IPv4 address (RoCE v2 GIDs follow it)")
+                    out.append(Problem(node.name, f"NCCL_IB_GID_INDEX={env_index} on {dev} is "
+                                       f"{have}, not RoCE v2 with this node's IPv4 address",
+                                       fix))
+            elif not good:
+                where = ", ".join(sorted(addrs)) or "an IPv4 address"
+                out.append(Problem(node.name, f"{dev} has no RoCE v2 GID for {where}: "
+                                   "NCCL cannot use RDMA over it", f"check `ip addr` on {iface} "
+                                   f"and the GID table (/sys/class/infiniband/{dev}/ports/1/"
+                                   "gids); RoCE v2 must be enabled (`cma_roce_mode`)"))
+            elif dev in f["interfaces"][iface]["rdma"]:
+                gid_choice.setdefault(node.name, good[0]["index"])
+    if len(set(gid_choice.values())) > 1 and not any(
+            "NCCL_IB_GID_INDEX" in n.env for n in inv.nodes):
+        ref = gid_choice.get(inv.head.name, next(iter(gid_choice.values())))
+        for name, index in gid_choice.items():
+            if index != ref:
+                out.append(Problem(name, f"the RoCE v2 GID of the cluster address is index "
+                                   f"{index} here, {ref} on {inv.head.name}: vLLM's Ray "
+                                   "executor gives every worker the head's NCCL_* variables",
+                                   f"set env NCCL_IB_GID_INDEX={index} on {name} and use "
+                                   "--mode native, or make the GID tables agree (same "
+                                   "address order on every node)", fatal=False))
+    return out
+
+
+def _gid_ipv4(gid: str) -> str | None:
+    """The IPv4 address of an IPv4-mapped GID (::ffff:a.b.c.d), else None."""
+    try:
+        addr = ipaddress.IPv6Address(gid)
+    except ValueError:
+        return None
+    return str(addr.ipv4_mapped) if addr.ipv4_mapped else None
+
+
+def check_memory(inv: Inventory, facts: dict[str, dict], weights_share: int | None = None
+                 ) -> list[Problem]:
+    """Unified-memory nodes (GB10): Ray's memory monitor off, and free memory (not page
+    cache) for this node's share of the weights."""
+    out = []
+    for node in inv.nodes:
+        f = facts.get(node.name)
+        if not f or not f.get("unified_memory"):
+            continue
+        refresh = node.env.get("RAY_memory_monitor_refresh_ms")
+        if refresh is not None and refresh != "0":
+            out.append(Problem(node.name, f"RAY_memory_monitor_refresh_ms={refresh} keeps Ray's "
+                               "memory monitor on a unified-memory node: GPU memory counts as "
+                               "host memory and Ray kills vLLM's workers",
+                               "remove it from env (vllm-spark sets 0 on unified-memory "
+                               "nodes)"))
+        mi = f.get("meminfo") or {}
+        if weights_share and "MemFree" in mi:
+            need = weights_share * MEMORY_HEADROOM
+            if mi["MemFree"] < need:
+                out.append(Problem(node.name, f"MemFree {mi['MemFree'] / GiB:.1f} GiB < "
+                                   f"{need / GiB:.1f} GiB for this node's weights + 10%, with "
+                                   f"{mi.get('Cached', 0) / GiB:.1f} GiB in the page cache: on "
+                                   "unified memory the weights' pages and the GPU copy "
+                                   "compete and loading runs out of memory",
+                                   "drop the page cache before serving (`sync; echo 3 | sudo "
+                                   "tee /proc/sys/vm/drop_caches`) and stop other jobs"))
+    return out
+
+
+def check_auth(inv: Inventory, facts: dict[str, dict], tokens: dict[str, str | None] | None
+               = None) -> list[Problem]:
+    """Ray token auth: no RAY_AUTH_TOKEN in a login environment (it overrides the cluster's
+    token file), stale default tokens (Ray 2.59+ writes ~/.ray/auth_token and turns token
+    auth on whenever it exists), and the same cluster token on every node (``tokens``:
+    node -> digest of its token file, when a cluster should be running)."""
+    from packaging.version import Version
+
+    out = []
+    for node in inv.nodes:
+        f = facts.get(node.name)
+        if not f:
+            continue
+        auth = f.get("ray_auth") or {}
+        if "RAY_AUTH_TOKEN" in auth.get("env", {}) and "RAY_AUTH_TOKEN" not in node.env:
+            out.append(Problem(node.name, "RAY_AUTH_TOKEN is set in the login environment: Ray "
+                               "prefers it to the cluster's token file, so this node "
+                               "presents another token", "remove it from ~/.bashrc / "
+                               "~/.profile / /etc/environment on " + node.name))
+        default = auth.get("default_token")
+        ray = f["versions"].get("ray")
+        if default and ray and Version(ray) >= Version("2.59"):
+            when = time.strftime("%Y-%m-%d", time.localtime(default["mtime"]))
+            out.append(Problem(node.name, f"stale Ray token {default['path']} (written {when}): "
+                               f"Ray {ray} turns token auth on with it for any `ray` command "
+                               "or ray.init() without RAY_AUTH_MODE, and plain `ray status` "
+                               "sends it to this cluster and is refused",
+                               f"remove it (`rm {default['path']}`) unless another Ray "
+                               "cluster uses it; `vllm-spark status` uses the cluster's own",
+                               fatal=False))
+    if tokens is not None:
+        ref = tokens.get(inv.head.name)
+        for node in inv.nodes:
+            mine = tokens.get(node.name, "absent")
+            if node.name not in facts or mine == ref:
+                continue
+            what = ("has no Ray auth token" if mine is None else
+                    "has no Ray auth token" if mine == "absent" else
+                    f"has a different Ray auth token than {inv.head.name}")
+            out.append(Problem(node.name, f"{what} ({node.token_path}; left by an earlier "
+                               "`up`?): its raylet cannot talk to the head",
+                               f"`vllm-spark down -i {inv.path or 'INVENTORY'}` then `up`"))
+    return out
+
+
+def check_firewall(inv: Inventory, facts: dict[str, dict]) -> list[Problem]:
+    """Ray's ports listen on every interface: say so where our nftables table is not loaded."""
+    from vllm_spark.firewall import protected_ports
+
+    out: list[Problem] = []
+    for node in inv.nodes:
+        f = facts.get(node.name)
+        if f and f.get("firewall") is not True and f["interface"]:
+            out.append(Problem(node.name, f"Ray's ports ({', '.join(protected_ports(inv))}) "
+                               f"listen on every interface, not only {f['interface']} (Ray "
+                               "cannot bind them to one address)",
+                               f"`vllm-spark firewall -i {inv.path or 'INVENTORY'} --apply` "
+                               "(accepts them only from the cluster subnet), or firewall "
+                               "them yourself", fatal=False))
+    return out
+
+
 def run_preflight(inv: Inventory, *, ports: list[int] | None = None, full_hash: bool = False,
-                  model_check: bool = True) -> Report:
-    """Probe all nodes concurrently and run every check; never raises for node problems."""
+                  model_check: bool = True, tokens: bool = False) -> Report:
+    """Probe all nodes concurrently and run every check; never raises for node problems.
+    ``tokens``: a Ray cluster should be running, so every node's token must match."""
     report = Report()
     ports = [inv.ray_port, inv.dashboard_port, inv.serve_port] if ports is None else ports
 
     def one(node: Node):
         try:
-            return node.name, probe_node(node, ports=ports if node is inv.head else [],
-                                         full_hash=full_hash,
-                                         model=node.model if model_check else None), None
+            facts = probe_node(node, ports=ports if node is inv.head else [],
+                               full_hash=full_hash, model=node.model if model_check else None,
+                               nft_table=table_name(inv))
+            remote.prepare_state_dir(node)
+            if tokens:
+                facts["cluster_token"] = remote.secret_digest(node, node.token_path)
+            return node.name, facts, None
         except remote.NodeError as e:
             return node.name, None, Problem(e.node, e.what, e.fix)
 
@@ -270,6 +514,14 @@ def run_preflight(inv: Inventory, *, ports: list[int] | None = None, full_hash: 
     if model_check:
         report.problems += check_model(inv, report.facts)
     report.problems += check_ports(inv, report.facts, ports)
+    report.problems += check_firewall(inv, report.facts)
+    report.problems += check_nccl(inv, report.facts)
+    report.problems += check_roce(inv, report.facts)
+    head_model = report.facts.get(inv.head.name, {}).get("model") if model_check else None
+    share = _weights_bytes(head_model) // len(inv.nodes) if head_model else None
+    report.problems += check_memory(inv, report.facts, share)
+    report.problems += check_auth(inv, report.facts, {
+        n: f.get("cluster_token") for n, f in report.facts.items()} if tokens else None)
     return report
 
 
@@ -277,8 +529,8 @@ def node_envs(inv: Inventory, facts: dict[str, dict], nccl_debug: bool = False
               ) -> dict[str, dict[str, str]]:
     """The environment of each node, from its probe (see :mod:`vllm_spark.netenv`)."""
     ifaces = sorted({facts[n.name]["interface"] for n in inv.nodes})
-    rdma = sorted({d for n in inv.nodes
-                   for d in facts[n.name]["interfaces"][facts[n.name]["interface"]]["rdma"]})
+    rdma = sorted({d for n in inv.nodes for d in cluster_rdma(facts[n.name])})
     return {n.name: netenv.node_env(facts[n.name]["interface"], facts[n.name]["address"],
-                                    ifaces, rdma, n.token_path, n.env, nccl_debug)
+                                    ifaces, rdma, n.token_path, n.env, nccl_debug,
+                                    unified_memory=bool(facts[n.name].get("unified_memory")))
             for n in inv.nodes}

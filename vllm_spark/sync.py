@@ -14,9 +14,11 @@ from vllm_spark.inventory import Inventory
 from vllm_spark.preflight import check_model, run_preflight
 
 
-def sync_model(inv: Inventory, source: str | None = None, log=print) -> list[str]:
+def sync_model(inv: Inventory, source: str | None = None, delete: bool = False,
+               log=print) -> list[str]:
     """rsync the model from ``source`` (default: the head) to every node whose copy differs;
-    returns the names of the nodes copied to."""
+    returns the names of the nodes copied to. Files only the target has are kept unless
+    ``delete`` (rsync ``--delete``)."""
     report = run_preflight(inv, ports=[], model_check=True)
     src = inv.node(source) if source else inv.head
     if src.name not in report.facts or report.facts[src.name]["model"] is None:
@@ -35,9 +37,13 @@ def sync_model(inv: Inventory, source: str | None = None, log=print) -> list[str
         ssh = " ".join(shlex.quote(a) for a in
                        [*remote.SSH_BASE, "-o", "StrictHostKeyChecking=accept-new",
                         *node.ssh_options])
-        argv = ["rsync", "-a", "--delete", "--partial", "-e", ssh, src.model.rstrip("/") + "/",
+        # --protect-args: the remote path reaches the target's rsync, not its shell; `--`
+        # ends options (the inventory already requires absolute paths).
+        argv = ["rsync", "-a", "--partial", "--protect-args", *(["--delete"] if delete else []),
+                "-e", ssh, "--", src.model.rstrip("/") + "/",
                 f"{user}{addr}:{node.model.rstrip('/')}/"]
-        log(f"{src.name} -> {node.name} ({addr}): rsync {src.model} -> {node.model}")
+        log(f"{src.name} -> {node.name} ({addr}): rsync {src.model} -> {node.model}"
+            + (" (deleting files the source lacks)" if delete else ""))
         res = remote.run(src, argv, timeout=24 * 3600, check=False)
         if res.rc != 0:
             raise remote.NodeError(node.name, f"rsync from {src.name} failed: {res.last_line()}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 import pytest
 
@@ -20,7 +21,8 @@ def test_host_overrides_cluster_defaults():
     inv = parse_inventory(BASE)
     assert [n.model for n in inv.nodes] == ["/m", "/data/m"]
     assert inv.head.name == "a" and inv.workers[0].python == "/venv/bin/python"
-    assert inv.nodes[1].state_dir == "/tmp/vllm-spark/spark-b"
+    # resolved on the node (~/.cache/vllm-spark/<cluster>-<host>), never a shared /tmp path
+    assert inv.nodes[1].state_dir == "" and inv.nodes[1].state_name == "spark-b"
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -75,6 +77,8 @@ def test_nccl_transport_from_debug_log():
 
 def test_ray_start_binds_to_cluster_address_and_local_dashboard():
     inv = parse_inventory(BASE)
+    for n in inv.nodes:
+        n.state_dir = f"/home/me/.cache/vllm-spark/{n.state_name}"
     head = ray_start_argv(inv, inv.head, "192.168.100.1", "192.168.100.1")
     assert head[head.index("--node-ip-address") + 1] == "192.168.100.1"
     assert head[head.index("--dashboard-host") + 1] == "127.0.0.1"
@@ -85,6 +89,7 @@ def test_ray_start_binds_to_cluster_address_and_local_dashboard():
 
 def test_job_entrypoint_carries_only_node_independent_env():
     inv = parse_inventory(BASE)
+    inv.head.state_dir = "/home/me/.cache/vllm-spark/spark-a"
     plan = serve.ServePlan(model="/m", tensor_parallel=2, extra=["--max-model-len", "4096"])
     env = netenv.node_env("enp1s0f1np1", "192.168.100.1", ["enp1s0f1np1"], [], "/s/t")
     argv = serve.job_submit_argv(inv, plan, env, "192.168.100.1", "job1")
@@ -92,9 +97,13 @@ def test_job_entrypoint_carries_only_node_independent_env():
     assert runtime_env["NCCL_SOCKET_IFNAME"] == "enp1s0f1np1"
     assert "VLLM_HOST_IP" not in runtime_env and "RAY_AUTH_TOKEN_PATH" not in runtime_env
     entry = argv[argv.index("--") + 1:]
-    assert entry[:3] == ["python", "-m", serve.SERVER_MODULE]
-    assert entry[entry.index("--distributed-executor-backend") + 1] == "ray"
-    assert entry[-2:] == ["--max-model-len", "4096"]
+    assert entry[:2] == ["bash", "-c"]
+    server = shlex.split(entry[2])
+    key_read, server = server[:2], server[2:]
+    assert key_read[0] == "export" and "VLLM_API_KEY=" in key_read[1]
+    assert server[:4] == ["exec", "/venv/bin/python", "-m", serve.SERVER_MODULE]
+    assert server[server.index("--distributed-executor-backend") + 1] == "ray"
+    assert server[-2:] == ["--max-model-len", "4096"]
 
 
 def test_manifest_hashes_configs_and_sizes_weights(tmp_path):
@@ -116,3 +125,30 @@ def test_port_free_sees_a_listener():
         assert port_free("127.0.0.1", s.getsockname()[1]) is False
     finally:
         s.close()
+
+
+def test_port_of_a_stopped_server_is_free_despite_time_wait():
+    """A server that just stopped leaves its connections in TIME_WAIT; Ray and vLLM bind
+    with SO_REUSEADDR and start fine, so preflight must not call the port busy."""
+    import socket
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    conn.close()  # the server side closes first: its end goes to TIME_WAIT
+    cli.recv(1)
+    cli.close()
+    srv.close()
+    plain = socket.socket()
+    try:
+        plain.bind(("127.0.0.1", port))
+        pytest.skip("no TIME_WAIT left on this kernel: nothing to show")
+    except OSError:
+        pass  # a bind without SO_REUSEADDR fails here
+    finally:
+        plain.close()
+    assert port_free("127.0.0.1", port) is True
