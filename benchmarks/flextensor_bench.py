@@ -364,8 +364,8 @@ def main() -> int:
         else "tiny random Qwen3-MoE (tests/harness/checkpoints.py)",
         "num_hidden_layers": cfg["num_hidden_layers"],
         "layers_note": None if args.tiny or args.layers == 48 else
-        f"{args.layers} of 48 decoder layers (config num_hidden_layers) to fit the device time "
-        f"limit; per-layer behaviour is the full model's; full-model tokens/s would be about "
+        f"{args.layers} of 48 decoder layers (config num_hidden_layers) to keep a run within 10 "
+        f"minutes; per-layer behaviour is the full model's; full-model tokens/s would be about "
         f"{args.layers}/48 of these",
         "dtype": dtype, "load_format": "dummy", "enforce_eager": not args.compile,
         "weights": {"dense_gib": w.dense_bytes / GiB, "routed_experts_gib": w.routed_bytes / GiB,
@@ -456,7 +456,7 @@ def main() -> int:
                              + " ... ".join(dict.fromkeys([errs[0], errs[-1]])))
         print(f"[flextensor_bench] {name}: {json.dumps(report['variants'][name])[:600]}",
               flush=True)
-        # Written after every variant: a run stopped later (device time) keeps what finished.
+        # Written after every variant: a run stopped later (a time limit) keeps what finished.
         summarize(report)
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     if args.dry_run:

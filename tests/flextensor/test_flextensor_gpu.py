@@ -104,9 +104,9 @@ BIG = dict(num_layers=6, hidden_size=1024, num_attention_heads=16, num_key_value
 # vLLM's block-FP8 linear on Hopper (FlashInferFp8DeepGEMMDynamicBlockScaledKernel) runs
 # FlashInfer below 32 rows and DeepGEMM from 32, so a row's result depends on what shares
 # its forward pass. With the engine core in its own process the first step takes whichever
-# prompts have arrived (session 5: the 8-token prompt 0.50 apart from its first token, the
-# other two prompts bit-equal, as when one engine prefilled it alone; in-process, the two
-# engines agreed to the bit). In-process, generate() queues every prompt before the first
+# prompts have arrived (measured on an H100 with the engine core in its own process: the
+# 8-token prompt 0.50 apart from its first token, the other two prompts bit-equal, as when
+# one engine prefilled it alone; in-process, the two engines agreed to the bit). In-process, generate() queues every prompt before the first
 # step. Start-up only: the DeepGEMM warm-up compiles
 # ahead (4 minutes here; skipped, kernels compile on first use), and FlashInfer's top-k/top-p
 # sampler compiles for about 2 minutes on a fresh machine (greedy sampling needs neither).
