@@ -4,7 +4,9 @@ A Qwen3-30B-A3B-shaped model (``examples/configs/qwen3_30b_a3b.json``, dummy bf1
 no tokenizer) with ``--off-gpu`` (default 75%) of its routed-expert bytes off the GPU:
 
 - ``flextensor``: ``additional_config.flextensor.gpu_budget_gb`` = all weights minus those bytes
-  (experts cached by routing frequency, the rest streamed from pinned host memory);
+  (experts cached by routing frequency, the rest streamed from pinned host memory), with
+  ``prestage_next_layer: true`` (each decode layer also copies the experts the next layer's
+  router picks for its hidden states);
 - ``flextensor_no_prestage``: the same plan with ``prestage_next_layer: false`` (each decode
   layer copies its uncached experts only after its own routing, none while the layer before
   computes);
@@ -334,7 +336,8 @@ def main() -> int:
             "enabled": True, "gpu_budget_gb": budget_bytes / GiB, **settings}})
 
     specs = {
-        "flextensor": ours(),
+        # Each decode layer also copies the next layer's guessed experts behind its own.
+        "flextensor": ours(prestage_next_layer=True),
         "cpu_offload_gb": dict(common, engine_kwargs=dict(engine_kwargs,
                                                           cpu_offload_gb=off_bytes / GiB)),
         # No layer copies the next one's guessed experts ahead of its routing.

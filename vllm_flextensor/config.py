@@ -41,10 +41,11 @@ class FlexTensorConfig:
         one_of("copy", "in_place"),
     )
     prestage_next_layer: bool = setting(
-        True, "copy mode, steps that move only routed experts: while layer l computes, also "
+        False, "copy mode, steps that move only routed experts: while layer l computes, also "
         "copy the uncached experts layer l+1's router picks for layer l's hidden states (a "
         "guess, so the copies overlap the compute; experts the guess missed are copied once "
-        "layer l+1 has routed)",
+        "layer l+1 has routed); off by default: measured only on random weights, where every "
+        "layer's router sees nearly the same hidden states",
     )
     cache_refresh_steps: int = setting(
         32, "reading routed experts in place: forward passes between GPU expert-cache "

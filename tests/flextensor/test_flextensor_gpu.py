@@ -35,7 +35,8 @@ def test_offloaded_experts_match_stock_on_cuda(moe_checkpoint, kind, dtype, eage
         "stock": dict(base, env={"VLLM_PLUGINS": ""}),
         # The worker measures the non-expert bytes on CUDA (the estimate may differ by a few
         # small buffers), so the cache may come out a slot smaller than asked for.
-        "flextensor": dict(flex_spec(model, budget_for_cache_slots(w, ask)), **{
+        "flextensor": dict(flex_spec(model, budget_for_cache_slots(w, ask),
+                                     prestage_next_layer=True), **{
             k: v for k, v in base.items() if k not in ("model", "prompts")},
             enforce_eager=eager),
     })
@@ -51,7 +52,7 @@ def test_offloaded_experts_match_stock_on_cuda(moe_checkpoint, kind, dtype, eage
     assert totals["stream_ms"] > 0  # side-stream copies were timed by CUDA events
     assert totals["cache_lookups"] > totals["cache_hits"]  # decode read uncached experts in place
     # Decode layers copied the next layer's guessed experts on the side stream while they
-    # computed (prestage_next_layer, on by default); some were picked, and read where copied.
+    # computed (prestage_next_layer, set above); some were picked, and read where copied.
     assert 0 < totals["prestaged_used"] <= totals["experts_prestaged"]
     if stats["plan"]["cache_slots"]:
         assert totals["cache_hits"] > 0
