@@ -13,14 +13,14 @@ import argparse
 import sys
 
 
-def _settings(_args) -> int:
+def _settings(args) -> int:
     from vllm_dwdp import config as dwdp
     from vllm_dwdp.plugin_config import describe_settings
     from vllm_flextensor import config as flex
 
-    print(describe_settings(dwdp.DwdpConfig, dwdp.SECTION, dwdp.ENV_PREFIX))
+    print(describe_settings(dwdp.DwdpConfig, dwdp.SECTION, dwdp.ENV_PREFIX, args.markdown))
     print()
-    print(describe_settings(flex.FlexTensorConfig, flex.SECTION, flex.ENV_PREFIX))
+    print(describe_settings(flex.FlexTensorConfig, flex.SECTION, flex.ENV_PREFIX, args.markdown))
     return 0
 
 
@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-dwdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("settings", help="list every plugin setting").set_defaults(func=_settings)
+    settings = sub.add_parser("settings", help="list every plugin setting")
+    settings.add_argument("--markdown", action="store_true", help="as Markdown tables (README)")
+    settings.set_defaults(func=_settings)
     from vllm_dwdp import planner
 
     plan = sub.add_parser("plan", help="predict whether DWDP pays off")

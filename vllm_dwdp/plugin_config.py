@@ -149,13 +149,19 @@ def parse_section(cls: type[T], section: str, raw: Any, env_prefix: str,
         raise PluginConfigError(f"additional_config.{section}: {e}") from None
 
 
-def describe_settings(cls: type, section: str, env_prefix: str) -> str:
-    """A table of every setting (key, env var, default, doc), for --help and the README."""
-    rows = [f"additional_config.{section}:"]
+def describe_settings(cls: type, section: str, env_prefix: str, markdown: bool = False) -> str:
+    """A table of every setting (key, env var, default, doc), for --help and (``markdown``)
+    the README."""
+    rows = ([f"`additional_config.{section}` | variable | default | meaning", "|---|---|---|---|"]
+            if markdown else [f"additional_config.{section}:"])
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"  {f.name:<22} {env_prefix + f.name.upper():<34} default {default!r}: "
-                    f"{f.metadata.get('doc', '')}")
+        doc = f.metadata.get("doc", "")
+        rows.append(f"| `{f.name}` | `{env_prefix + f.name.upper()}` | `{default!r}` | {doc} |"
+                    if markdown else
+                    f"  {f.name:<22} {env_prefix + f.name.upper():<34} default {default!r}: {doc}")
+    if markdown:
+        rows[0] = "| " + rows[0] + " |"
     return "\n".join(rows)
 
 
