@@ -37,6 +37,7 @@ def stay_until_both_done(tmp_path, rank: int) -> dict:
             "wait_for": str(tmp_path / f"done{1 - rank}")}
 
 
+@pytest.mark.equality
 @pytest.mark.parametrize("kind, dwdp", [
     ("qwen3_moe", {}),
     # Qwen2-MoE has a shared expert; here the owners are uneven (4 + 2 of 6 experts) and one
@@ -108,6 +109,7 @@ def test_dead_peer_stops_the_other_rank_with_a_clear_error(moe_checkpoint, tmp_p
     assert "restart all DWDP ranks together" in str(e.value) + logs[0].read_text()
 
 
+@pytest.mark.equality
 def test_fp8_experts_split_over_ranks_match_one_rank(moe_checkpoint, tmp_path):
     """Block-FP8 experts (weights and their block scales) pulled from a peer give the same
     tokens as one engine holding every expert. (Stock vLLM has no FP8 MoE kernel on CPU; on

@@ -102,6 +102,7 @@ engines = module_engines({
 })
 
 
+@pytest.mark.equality
 @pytest.mark.parametrize("kind, cache_slots, experts, prestage", [
     # Decode steps copy the next layer's guessed experts while a layer computes.
     ("qwen3_moe", 2, 8, True),
