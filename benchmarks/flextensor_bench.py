@@ -80,6 +80,9 @@ def run_variant(spec: dict) -> dict:
               additional_config=spec.get("additional_config") or {},
               **spec.get("engine_kwargs", {}))
     startup_s = time.monotonic() - t0
+    # Which of this package's modules the engine imported (vLLM imports a plugin's module only
+    # when it loads the plugin; this worker imports none of them before this point).
+    loaded = sorted(m for m in ("vllm_dwdp", "vllm_flextensor", "vllm_spark") if m in sys.modules)
     rng = random.Random(0)
     vocab = spec["vocab_size"]
 
@@ -92,7 +95,10 @@ def run_variant(spec: dict) -> dict:
         from vllm_flextensor.moe_layer import worker_stats
 
         stats_fn = lambda: llm.collective_rpc(worker_stats)[0]  # noqa: E731
-    result = {"startup_s": startup_s, "decode": {}, "prefill": {}}
+    result = {"startup_s": startup_s, "plugin_modules_loaded": loaded, "decode": {},
+              "prefill": {}}
+    if spec.get("record_tokens"):  # every timed batch's greedy tokens, to compare engines
+        result["token_ids"] = []
     steps = spec["decode_steps"]
     engine = llm.llm_engine
     calls = itertools.count()
@@ -104,6 +110,7 @@ def run_variant(spec: dict) -> dict:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                                 detokenize=False)
         call = next(calls)
+        finished = {}
         for j, p in enumerate(batch):
             engine.add_request(f"bench-{call}-{j}", p, params)
         times, t = [], time.perf_counter()
@@ -114,6 +121,11 @@ def run_variant(spec: dict) -> dict:
                 times.append(now - t)
                 t = now
             assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs if o.finished)
+            if "token_ids" in result:
+                finished.update((o.request_id, list(o.outputs[0].token_ids))
+                                for o in outs if o.finished)
+        if "token_ids" in result:
+            result["token_ids"].append([finished[f"bench-{call}-{j}"] for j in range(len(batch))])
         return times
 
     step_times(prompts(2, spec["prompt_len"]), 4)  # warm-up
@@ -273,6 +285,37 @@ def _gpu_tag() -> str:
     return "gpu"
 
 
+def run_worker(spec: dict, env: dict, workdir: Path, name: str, log_path: Path,
+               timeout: float) -> tuple[int | str, dict | None, str]:
+    """Run :func:`run_variant` on ``spec`` in a process of its own (its own process group:
+    on a timeout the engine core, a child of the worker, goes too and frees the GPU).
+    Returns (exit status or the timeout, its result or None, its log)."""
+    spec_path, res_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, __file__, "--worker", str(spec_path), str(res_path)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = f"timeout after {timeout:.0f} s"
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    text = log_path.read_text(errors="replace")
+    return rc, (json.loads(res_path.read_text()) if rc == 0 else None), text
+
+
+def worker_command(workdir: Path, name: str) -> list[str]:
+    """The command :func:`run_worker` runs for ``name`` (for --dry-run)."""
+    return [sys.executable, __file__, "--worker", str(workdir / f"{name}.spec.json"),
+            str(workdir / f"{name}.result.json")]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny checkpoint")
@@ -405,10 +448,8 @@ def main() -> int:
         variant = name.split("@")[0]
         spec = dict(specs[variant], profile=args.profile if variant in args.profile_variants
                     else None)
-        spec_path, res_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
-        spec_path.write_text(json.dumps(spec))
         log_path = out / f"flextensor_bench_{name}.log"
-        cmd = [sys.executable, __file__, "--worker", str(spec_path), str(res_path)]
+        cmd = worker_command(workdir, name)
         venv = dict(env, **specs[variant].get("env", {}))
         if spec["profile"]:
             venv["FLEXTENSOR_BENCH_PROFILE_OUT"] = str(out / f"flextensor_bench_{name}_profile.txt")
@@ -420,24 +461,9 @@ def main() -> int:
             continue
         print(f"[flextensor_bench] running {name} ...", flush=True)
         t = time.monotonic()
-        with open(log_path, "w") as log:
-            # Its own process group: on a timeout the engine core (a child of the worker)
-            # goes too, and frees the GPU for the next variant.
-            proc = subprocess.Popen(cmd, env=venv, cwd=REPO, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = f"timeout after {timeout:.0f} s"
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        text = log_path.read_text(errors="replace")
+        rc, result, text = run_worker(spec, venv, workdir, name, log_path, timeout)
         if rc == 0:
-            report["variants"][name] = json.loads(res_path.read_text())
+            report["variants"][name] = result
         else:
             report["variants"][name] = {"error": f"exit {rc}", "error_lines":
                                         exception_lines(text), "log_tail": text[-3000:]}
