@@ -73,7 +73,7 @@ def worker(args) -> None:
                   max_num_seqs=n if mode == "tpep" else 1, seed=0)
     if mode == "dwdp":
         kwargs["additional_config"] = {"dwdp": {"enabled": True, "world_size": n, "rank": rank,
-                                                "master_port": args.port + 1}}
+                                                "group": f"imbalance{args.port}"}}
     elif mode == "dep":
         kwargs["enable_expert_parallel"] = True
     elif mode == "tpep":

@@ -4,7 +4,9 @@ A Qwen3-30B-A3B-shaped model (``examples/configs/qwen3_30b_a3b.json``, dummy bf1
 no tokenizer) with ``--off-gpu`` (default 75%) of its routed-expert bytes off the GPU:
 
 - ``flextensor``: ``additional_config.flextensor.gpu_budget_gb`` = all weights minus those bytes
-  (experts cached by routing frequency, the rest streamed from pinned host memory);
+  (experts cached by routing frequency, the rest streamed from pinned host memory), with
+  ``prestage_next_layer: true`` (each decode layer also copies the experts the next layer's
+  router picks for its hidden states);
 - ``flextensor_no_prestage``: the same plan with ``prestage_next_layer: false`` (each decode
   layer copies its uncached experts only after its own routing, none while the layer before
   computes);
@@ -78,6 +80,9 @@ def run_variant(spec: dict) -> dict:
               additional_config=spec.get("additional_config") or {},
               **spec.get("engine_kwargs", {}))
     startup_s = time.monotonic() - t0
+    # Which of this package's modules the engine imported (vLLM imports a plugin's module only
+    # when it loads the plugin; this worker imports none of them before this point).
+    loaded = sorted(m for m in ("vllm_dwdp", "vllm_flextensor", "vllm_spark") if m in sys.modules)
     rng = random.Random(0)
     vocab = spec["vocab_size"]
 
@@ -90,7 +95,10 @@ def run_variant(spec: dict) -> dict:
         from vllm_flextensor.moe_layer import worker_stats
 
         stats_fn = lambda: llm.collective_rpc(worker_stats)[0]  # noqa: E731
-    result = {"startup_s": startup_s, "decode": {}, "prefill": {}}
+    result = {"startup_s": startup_s, "plugin_modules_loaded": loaded, "decode": {},
+              "prefill": {}}
+    if spec.get("record_tokens"):  # every timed batch's greedy tokens, to compare engines
+        result["token_ids"] = []
     steps = spec["decode_steps"]
     engine = llm.llm_engine
     calls = itertools.count()
@@ -102,6 +110,7 @@ def run_variant(spec: dict) -> dict:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                                 detokenize=False)
         call = next(calls)
+        finished = {}
         for j, p in enumerate(batch):
             engine.add_request(f"bench-{call}-{j}", p, params)
         times, t = [], time.perf_counter()
@@ -112,6 +121,11 @@ def run_variant(spec: dict) -> dict:
                 times.append(now - t)
                 t = now
             assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs if o.finished)
+            if "token_ids" in result:
+                finished.update((o.request_id, list(o.outputs[0].token_ids))
+                                for o in outs if o.finished)
+        if "token_ids" in result:
+            result["token_ids"].append([finished[f"bench-{call}-{j}"] for j in range(len(batch))])
         return times
 
     step_times(prompts(2, spec["prompt_len"]), 4)  # warm-up
@@ -271,6 +285,37 @@ def _gpu_tag() -> str:
     return "gpu"
 
 
+def run_worker(spec: dict, env: dict, workdir: Path, name: str, log_path: Path,
+               timeout: float) -> tuple[int | str, dict | None, str]:
+    """Run :func:`run_variant` on ``spec`` in a process of its own (its own process group:
+    on a timeout the engine core, a child of the worker, goes too and frees the GPU).
+    Returns (exit status or the timeout, its result or None, its log)."""
+    spec_path, res_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, __file__, "--worker", str(spec_path), str(res_path)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = f"timeout after {timeout:.0f} s"
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    text = log_path.read_text(errors="replace")
+    return rc, (json.loads(res_path.read_text()) if rc == 0 else None), text
+
+
+def worker_command(workdir: Path, name: str) -> list[str]:
+    """The command :func:`run_worker` runs for ``name`` (for --dry-run)."""
+    return [sys.executable, __file__, "--worker", str(workdir / f"{name}.spec.json"),
+            str(workdir / f"{name}.result.json")]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny checkpoint")
@@ -334,7 +379,8 @@ def main() -> int:
             "enabled": True, "gpu_budget_gb": budget_bytes / GiB, **settings}})
 
     specs = {
-        "flextensor": ours(),
+        # Each decode layer also copies the next layer's guessed experts behind its own.
+        "flextensor": ours(prestage_next_layer=True),
         "cpu_offload_gb": dict(common, engine_kwargs=dict(engine_kwargs,
                                                           cpu_offload_gb=off_bytes / GiB)),
         # No layer copies the next one's guessed experts ahead of its routing.
@@ -364,8 +410,8 @@ def main() -> int:
         else "tiny random Qwen3-MoE (tests/harness/checkpoints.py)",
         "num_hidden_layers": cfg["num_hidden_layers"],
         "layers_note": None if args.tiny or args.layers == 48 else
-        f"{args.layers} of 48 decoder layers (config num_hidden_layers) to fit the device time "
-        f"limit; per-layer behaviour is the full model's; full-model tokens/s would be about "
+        f"{args.layers} of 48 decoder layers (config num_hidden_layers) to keep a run within 10 "
+        f"minutes; per-layer behaviour is the full model's; full-model tokens/s would be about "
         f"{args.layers}/48 of these",
         "dtype": dtype, "load_format": "dummy", "enforce_eager": not args.compile,
         "weights": {"dense_gib": w.dense_bytes / GiB, "routed_experts_gib": w.routed_bytes / GiB,
@@ -402,10 +448,8 @@ def main() -> int:
         variant = name.split("@")[0]
         spec = dict(specs[variant], profile=args.profile if variant in args.profile_variants
                     else None)
-        spec_path, res_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
-        spec_path.write_text(json.dumps(spec))
         log_path = out / f"flextensor_bench_{name}.log"
-        cmd = [sys.executable, __file__, "--worker", str(spec_path), str(res_path)]
+        cmd = worker_command(workdir, name)
         venv = dict(env, **specs[variant].get("env", {}))
         if spec["profile"]:
             venv["FLEXTENSOR_BENCH_PROFILE_OUT"] = str(out / f"flextensor_bench_{name}_profile.txt")
@@ -417,24 +461,9 @@ def main() -> int:
             continue
         print(f"[flextensor_bench] running {name} ...", flush=True)
         t = time.monotonic()
-        with open(log_path, "w") as log:
-            # Its own process group: on a timeout the engine core (a child of the worker)
-            # goes too, and frees the GPU for the next variant.
-            proc = subprocess.Popen(cmd, env=venv, cwd=REPO, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = f"timeout after {timeout:.0f} s"
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        text = log_path.read_text(errors="replace")
+        rc, result, text = run_worker(spec, venv, workdir, name, log_path, timeout)
         if rc == 0:
-            report["variants"][name] = json.loads(res_path.read_text())
+            report["variants"][name] = result
         else:
             report["variants"][name] = {"error": f"exit {rc}", "error_lines":
                                         exception_lines(text), "log_tail": text[-3000:]}
@@ -456,7 +485,7 @@ def main() -> int:
                              + " ... ".join(dict.fromkeys([errs[0], errs[-1]])))
         print(f"[flextensor_bench] {name}: {json.dumps(report['variants'][name])[:600]}",
               flush=True)
-        # Written after every variant: a run stopped later (device time) keeps what finished.
+        # Written after every variant: a run stopped later (a time limit) keeps what finished.
         summarize(report)
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     if args.dry_run:

@@ -49,7 +49,7 @@ def compare(a: dict, b: dict) -> list[dict]:
 
 
 def main() -> None:
-    from tests.dwdp.test_dwdp_cpu import stay_until_both_done
+    from tests.dwdp.test_dwdp_cpu import stay_until_all_done
     from tests.flextensor.test_flextensor_cpu import flex_spec, weights_of
     from tests.harness.checkpoints import build_qwen3_moe_fp8, dequantise_block_fp8
     from tests.harness.equality import PROMPTS, run_engines
@@ -79,10 +79,10 @@ def main() -> None:
     }
     for r in (0, 1):
         specs[f"dwdp_rank{r}"] = dict(
-            base, model=str(model), **stay_until_both_done(work, r),
+            base, model=str(model), **stay_until_all_done(work, r, 2),
             env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
             additional_config={"dwdp": {"enabled": True, "world_size": 2, "rank": r,
-                                        "master_port": port}})
+                                        "group": f"fp8num{port}"}})
     results = run_engines(specs, timeout=args.timeout)
     report = {"engines": {n: {"token_ids": [o["token_ids"] for o in r["outputs"]]}
                           for n, r in results.items()}, "pairs": {}}

@@ -2,7 +2,7 @@
 # Download NVIDIA's flextensor library (PyPI flextensor 0.5.0) and the dependencies the GPU
 # machines' image lacks into .whl/, for flextensor_bench.py's flextensor_lib variant.
 # Run here (it needs the network), from the repository root; .whl/ is git-ignored, so the
-# device call names it in carry and installs it beside vLLM:
+# GPU run carries it along and installs it beside vLLM:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 set -euo pipefail
 DEST="${1:-.whl}"

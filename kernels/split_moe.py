@@ -225,7 +225,7 @@ def pick_config(tokens: int, top_k: int, num_experts: int, hidden: int, inter: i
     - otherwise bf16 128 x 128 tiles with 8 warps and 4 stages, FP8 64 x 128, 8 warps, 3.
 
     These are the best of :func:`candidate_configs` (or within 5% of it) at each step size
-    in ``benchmarks/results/gpu-check-h100-session4/moe_kernel_rate_sweep.json``
+    in ``benchmarks/results/h100-2026-11-25-1152/moe_kernel_rate_sweep.json``
     (Qwen3-30B-A3B's experts on an H100;
     ``python benchmarks/moe_kernel_rate.py --sweep`` measures them again).
     ``block_k`` stays 64 for bf16/fp16/fp32 (every output element sums the same 64-wide K

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Run a long GPU job across several device calls (each call is limited to 10 minutes; the
-# machine stays lent while calls follow each other). On the GPU machine, from the repo root:
-#   bash scripts/gpu-background.sh start CMD...   start CMD in its own session (it outlives
-#                                                 the call), output in /tmp/gpu-bg/log
+# Run a GPU job that outlives the shell that started it (a remote command limited in time,
+# an SSH connection that may drop): start it detached, then collect it with one or more waits.
+# On the GPU machine, from the repo root:
+#   bash scripts/gpu-background.sh start CMD...   start CMD in its own process session (it
+#                                                 outlives the shell), output in /tmp/gpu-bg/log
 #   bash scripts/gpu-background.sh wait SECONDS   wait for it up to SECONDS, then copy what
 #                                                 it wrote to /tmp/gpu-bg/out into $OUT
 #                                                 (JSON, PNG; all of it and its log in

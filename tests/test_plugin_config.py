@@ -73,6 +73,20 @@ def test_env_overrides_json(monkeypatch):
         parse_dwdp_config({})
 
 
+def test_readme_lists_every_setting_as_the_code_defines_it():
+    """The README's settings tables are `vllm-dwdp settings --markdown`: a setting added,
+    removed or changed in a config module without the README fails here."""
+    from pathlib import Path
+
+    from vllm_moe_core.config import FlexTensorConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for cls in (DwdpConfig, FlexTensorConfig):
+        table = describe_settings(cls, markdown=True)
+        assert table in readme, (f"README.md's {cls.SECTION} settings differ from the code: "
+                                 f"paste `vllm-dwdp settings --markdown` into it")
+
+
 def test_entry_points_registered():
     names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert names.get("dwdp") == "vllm_dwdp:register"

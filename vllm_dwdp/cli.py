@@ -13,12 +13,12 @@ import argparse
 import sys
 
 
-def _settings(_args) -> int:
+def _settings(args) -> int:
     from vllm_moe_core.config import DwdpConfig, FlexTensorConfig, describe_settings
 
-    print(describe_settings(DwdpConfig))
+    print(describe_settings(DwdpConfig, args.markdown))
     print()
-    print(describe_settings(FlexTensorConfig))
+    print(describe_settings(FlexTensorConfig, args.markdown))
     return 0
 
 
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-dwdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("settings", help="list every plugin setting").set_defaults(func=_settings)
+    settings = sub.add_parser("settings", help="list every plugin setting")
+    settings.add_argument("--markdown", action="store_true", help="as Markdown tables (README)")
+    settings.set_defaults(func=_settings)
     from vllm_dwdp import planner
 
     plan = sub.add_parser("plan", help="predict whether DWDP pays off")

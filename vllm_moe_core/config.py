@@ -200,10 +200,17 @@ def parse_flextensor_config(additional_config) -> FlexTensorConfig:
     return parse_section(FlexTensorConfig, section)
 
 
-def describe_settings(cls: type[PluginSettings]) -> str:
-    """A table of every setting (key, env var, default, doc), for ``vllm-dwdp settings``."""
-    rows = [f"additional_config.{cls.SECTION}:"]
+def describe_settings(cls: type[PluginSettings], markdown: bool = False) -> str:
+    """A table of every setting (key, env var, default, doc), for ``vllm-dwdp settings`` and,
+    as Markdown (``markdown``), the README."""
+    if markdown:
+        rows = [f"| `additional_config.{cls.SECTION}` | variable | default | meaning |",
+                "|---|---|---|---|"]
+    else:
+        rows = [f"additional_config.{cls.SECTION}:"]
     for name, f in cls.model_fields.items():
-        rows.append(f"  {name:<24} {cls.ENV_PREFIX + name.upper():<36} default {f.default!r}: "
-                    f"{f.description}")
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        env = cls.ENV_PREFIX + name.upper()
+        rows.append(f"| `{name}` | `{env}` | `{default!r}` | {f.description} |" if markdown else
+                    f"  {name:<24} {env:<36} default {default!r}: {f.description}")
     return "\n".join(rows)

@@ -46,6 +46,7 @@ def shm_entries() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if "dwdp" in n or "vllm-moe" in n}
 
 
+@pytest.mark.equality
 @pytest.mark.parametrize("kind, world_size, dwdp", [
     ("qwen3_moe", 2, {}),
     # 8 experts over 3 ranks (3 + 3 + 2): every rank's run shares edge pages with a neighbour.

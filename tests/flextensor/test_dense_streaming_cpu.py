@@ -40,6 +40,7 @@ engines = module_engines({
 })
 
 
+@pytest.mark.equality
 @pytest.mark.parametrize("kind, layers, depth, streamed", [
     # routed experts streamed too (no cache slot left); layers 2 and 5 stay on the GPU
     ("qwen3_moe", 4, 1, [0, 1, 3, 4]),

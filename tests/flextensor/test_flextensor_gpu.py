@@ -35,7 +35,8 @@ def test_offloaded_experts_match_stock_on_cuda(moe_checkpoint, kind, dtype, eage
         "stock": dict(base, env={"VLLM_PLUGINS": ""}),
         # The worker measures the non-expert bytes on CUDA (the estimate may differ by a few
         # small buffers), so the cache may come out a slot smaller than asked for.
-        "flextensor": dict(flex_spec(model, budget_for_cache_slots(w, ask)), **{
+        "flextensor": dict(flex_spec(model, budget_for_cache_slots(w, ask),
+                                     prestage_next_layer=True), **{
             k: v for k, v in base.items() if k not in ("model", "prompts")},
             enforce_eager=eager),
     })
@@ -51,7 +52,7 @@ def test_offloaded_experts_match_stock_on_cuda(moe_checkpoint, kind, dtype, eage
     assert totals["stream_ms"] > 0  # side-stream copies were timed by CUDA events
     assert totals["cache_lookups"] > totals["cache_hits"]  # decode read uncached experts in place
     # Decode layers copied the next layer's guessed experts on the side stream while they
-    # computed (prestage_next_layer, on by default); some were picked, and read where copied.
+    # computed (prestage_next_layer, set above); some were picked, and read where copied.
     assert 0 < totals["prestaged_used"] <= totals["experts_prestaged"]
     if stats["plan"]["cache_slots"]:
         assert totals["cache_hits"] > 0
@@ -104,9 +105,9 @@ BIG = dict(num_layers=6, hidden_size=1024, num_attention_heads=16, num_key_value
 # vLLM's block-FP8 linear on Hopper (FlashInferFp8DeepGEMMDynamicBlockScaledKernel) runs
 # FlashInfer below 32 rows and DeepGEMM from 32, so a row's result depends on what shares
 # its forward pass. With the engine core in its own process the first step takes whichever
-# prompts have arrived (session 5: the 8-token prompt 0.50 apart from its first token, the
-# other two prompts bit-equal, as when one engine prefilled it alone; in-process, the two
-# engines agreed to the bit). In-process, generate() queues every prompt before the first
+# prompts have arrived (measured on an H100 with the engine core in its own process: the
+# 8-token prompt 0.50 apart from its first token, the other two prompts bit-equal, as when
+# one engine prefilled it alone; in-process, the two engines agreed to the bit). In-process, generate() queues every prompt before the first
 # step. Start-up only: the DeepGEMM warm-up compiles
 # ahead (4 minutes here; skipped, kernels compile on first use), and FlashInfer's top-k/top-p
 # sampler compiles for about 2 minutes on a fresh machine (greedy sampling needs neither).

@@ -259,7 +259,7 @@ def test_pick_config_is_valid_and_shrinks_for_few_rows_per_expert(fp8):
     assert cfg(1).block_m < cfg(16384).block_m
     rows = [cfg(t).block_m for t in (1, 64, 512, 2048)]
     assert rows == sorted(rows)  # never smaller tiles for more tokens
-    # Large steps: the tiles measured fastest on the H100 (gpu-check-h100-session4/moe_kernel_rate_sweep.json).
+    # Large steps: the tiles measured fastest on the H100 (h100-2026-11-25-1152/moe_kernel_rate_sweep.json).
     assert cfg(16384) == (KernelConfig(64, 128, 128, 8, 3) if fp8
                           else KernelConfig(128, 128, 64, 8, 4))
     # Only rows per expert matter: twice the experts, twice the tokens, same tiles.
