@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_dwdp*", "vllm_flextensor*", "vllm_spark*"])
+    packages=find_packages(include=["vllm_moe_core*", "vllm_dwdp*", "vllm_flextensor*", "vllm_spark*"])
     + ["vllm_dwdp_kernels", "vllm_dwdp_kernels.triton"],
     # The Triton kernels live in ./kernels but install as `vllm_dwdp_kernels`,
     # so no bare top-level `kernels` module lands in site-packages.

@@ -151,6 +151,9 @@ class DwdpEngine:
         return p
 
     def add_layer(self, layer: DwdpLayer) -> None:
+        if any(other.name == layer.name for other in self.layers):
+            raise NotComposable(f"two MoE layers of this model are both named {layer.name!r}; "
+                                f"DWDP keys each layer's pages by its vLLM prefix")
         if self.group is None:
             self.group = PeerGroup(self.cfg.group, self.cfg.rank, self.cfg.world_size,
                                    self.cfg.peer_timeout_s, self.cfg.rendezvous_dir or None)
@@ -341,7 +344,7 @@ class DwdpLayer:
     def __init__(self, layer, engine: DwdpEngine):
         self.layer = layer
         self.engine = engine
-        self.name = layer.name
+        self.name = layer.layer_name  # vLLM's prefix, e.g. model.layers.3.mlp.experts
         self.index = -1
         self.expert_names = self._per_expert_names()
 
@@ -416,12 +419,6 @@ class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
 
     def __init__(self, inner):
         super().__init__()
-        if inner.is_monolithic:
-            raise NotComposable(
-                f"vLLM picked a monolithic MoE kernel ({type(inner).__name__}: routing and experts "
-                f"in one call) for this model; DWDP needs the router's expert ids before the "
-                f"experts run. Choose another MoE backend (VLLM_*_MOE_BACKEND) or serve without "
-                f"DWDP")
         self.inner = inner
 
     moe_kernel = property(lambda self: self.inner.moe_kernel)
@@ -431,9 +428,19 @@ class DwdpExpertsMethod(vllm_compat.ExpertsMethodProxy, torch.nn.Module):
               shared_experts_input=None):
         return vllm_compat.routed_experts_outside_compile(layer, x, topk_weights, topk_ids)
 
+    def apply_monolithic(self, layer, x, router_logits, input_ids=None):
+        # A monolithic method (routing and experts in one call: vLLM 0.26's CPU backend, some
+        # FlashInfer kernels) runs whole over the composite tensors; the op's second and third
+        # inputs are then the router's logits.
+        return vllm_compat.routed_experts_outside_compile(layer, x, router_logits, router_logits)
+
     @staticmethod
-    def compute(layer, x, topk_weights, topk_ids):
-        """The routed experts of ``x``'s tokens by vLLM's kernel, run by the opaque op."""
+    def compute(layer, x, a, b):
+        """The routed experts of ``x``'s tokens by vLLM's kernel, run by the opaque op:
+        ``(a, b)`` are (topk_weights, topk_ids), or the router logits twice (monolithic)."""
         inner = layer.quant_method.inner
-        return layer.dwdp.engine.run_experts(
-            layer.dwdp, lambda: inner.apply(layer, x, topk_weights, topk_ids, None, None))
+        if inner.is_monolithic:
+            run = lambda: inner.apply_monolithic(layer, x, a)  # noqa: E731
+        else:
+            run = lambda: inner.apply(layer, x, a, b, None, None)  # noqa: E731
+        return layer.dwdp.engine.run_experts(layer.dwdp, run)

