@@ -158,6 +158,7 @@ class DwdpEngine:
             self.group = PeerGroup(self.cfg.group, self.cfg.rank, self.cfg.world_size,
                                    self.cfg.peer_timeout_s, self.cfg.rendezvous_dir or None)
             self.group.on_failure = _stop_on_peer_failure
+            self.group.check_identities(vllm_compat.model_identity())
         layer.index = len(self.layers)
         self.layers.append(layer)
 

@@ -127,6 +127,8 @@ class PeerGroup:
         self._fetched: dict[int, socket.socket] = {}  # our connections to peers
         self._manifest: dict | None = None
         self._fds: list[int] = []
+        self._identity: dict | None = None
+        self._identity_set = threading.Event()
         self._ready = threading.Event()
         self._all_served = threading.Event()
         self._stop = threading.Event()
@@ -201,6 +203,11 @@ class PeerGroup:
             conn.settimeout(self.timeout_s)
             hello = _recv_msg(conn)
             peer = hello.get("rank")
+            if hello.get("want") == "identity":  # before loading: what model a rank serves
+                if self._identity_set.wait(self.timeout_s):
+                    _send_msg(conn, {"rank": self.rank, "identity": self._identity})
+                conn.close()
+                return
             if (not isinstance(peer, int) or not 0 <= peer < self.world_size or peer == self.rank
                     or hello.get("world_size") != self.world_size or peer in self._served):
                 _send_msg(conn, {"error": f"rank {self.rank} of group {self.group!r} expected a "
@@ -240,18 +247,38 @@ class PeerGroup:
         except FileNotFoundError:
             pass
 
-    # ---- fetching peers' manifests --------------------------------------------------------
-    def gather(self) -> dict[int, tuple[dict, list[int]]]:
-        """Every peer's (manifest, descriptors); waits at most ``timeout_s`` for each to start."""
-        out = {}
+    # ---- before loading: the same model everywhere -----------------------------------------
+    def check_identities(self, identity: dict) -> None:
+        """Publish what this rank serves (model, dtype, quantization...) and compare it with
+        every peer's, before any weight is loaded; a difference stops start-up naming it."""
+        self._identity = identity
+        self._identity_set.set()
         deadline = time.monotonic() + self.timeout_s
-        for p in range(self.world_size):
-            if p == self.rank:
+        for peer in range(self.world_size):
+            if peer == self.rank:
                 continue
-            out[p] = self._fetch(p, deadline)
-        return out
+            sock = self._connect(peer, deadline)
+            try:
+                _send_msg(sock, {"rank": self.rank, "world_size": self.world_size,
+                                 "want": "identity"})
+                theirs = _recv_msg(sock).get("identity")
+            except (OSError, ConnectionError, ValueError) as e:
+                raise PeerFailure(f"DWDP rank {peer} went away during start-up ({e}); restart "
+                                  f"all DWDP ranks together") from e
+            finally:
+                sock.close()
+            if not isinstance(theirs, dict):
+                raise PeerFailure(f"DWDP rank {peer} sent no description of its model")
+            diff = sorted(k for k in set(identity) | set(theirs)
+                          if identity.get(k) != theirs.get(k))
+            if diff:
+                k = diff[0]
+                raise PeerFailure(
+                    f"DWDP rank {peer} serves {k} = {theirs.get(k)!r} where rank {self.rank} "
+                    f"serves {identity.get(k)!r} (differences: {diff}); every rank of group "
+                    f"{self.group!r} must run the same model, dtype, quantization and vLLM")
 
-    def _fetch(self, peer: int, deadline: float) -> tuple[dict, list[int]]:
+    def _connect(self, peer: int, deadline: float) -> socket.socket:
         path = self.path_of(peer)
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -267,11 +294,28 @@ class PeerGroup:
                         f"{self.world_size} ranks with the same model, world_size and group, or "
                         f"raise dwdp.peer_timeout_s") from None
                 time.sleep(0.05)
-        pid, uid, _ = _peer_credentials(sock)
+        _pid, uid, _ = _peer_credentials(sock)
         if uid != os.getuid():
             sock.close()
             raise PeerFailure(f"{path} is served by uid {uid}, not this user: refusing it")
         sock.settimeout(max(1.0, deadline - time.monotonic()))
+        return sock
+
+    # ---- fetching peers' manifests --------------------------------------------------------
+    def gather(self) -> dict[int, tuple[dict, list[int]]]:
+        """Every peer's (manifest, descriptors); waits at most ``timeout_s`` for each to start."""
+        out = {}
+        deadline = time.monotonic() + self.timeout_s
+        for p in range(self.world_size):
+            if p == self.rank:
+                continue
+            out[p] = self._fetch(p, deadline)
+        return out
+
+    def _fetch(self, peer: int, deadline: float) -> tuple[dict, list[int]]:
+        sock = self._connect(peer, deadline)
+        pid = _peer_credentials(sock)[0]
+        path = self.path_of(peer)
         try:
             _send_msg(sock, {"rank": self.rank, "world_size": self.world_size, "pid": os.getpid()})
             reply = _recv_msg(sock)

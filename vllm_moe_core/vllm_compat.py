@@ -208,6 +208,21 @@ def current_vllm_config():
     return get_current_vllm_config()
 
 
+def model_identity() -> dict:
+    """What the engine being built serves, for comparing engines that must serve the same
+    model: its HF config's digest, architecture, dtype, quantization and the vLLM version."""
+    import hashlib
+    import json
+
+    model = current_vllm_config().model_config
+    hf = model.hf_config.to_dict() if hasattr(model.hf_config, "to_dict") else {}
+    hf.pop("_name_or_path", None)  # the same model may sit at another path
+    digest = hashlib.sha256(json.dumps(hf, sort_keys=True, default=str).encode()).hexdigest()
+    return {"hf_config_sha256": digest[:16], "architectures": list(hf.get("architectures") or []),
+            "dtype": str(model.dtype), "quantization": str(model.quantization),
+            "vllm": str(versioning.vllm_version())}
+
+
 def current_dwdp_config():
     """The DWDP settings of the engine being built in this process (worker side)."""
     from vllm_moe_core.config import parse_dwdp_config

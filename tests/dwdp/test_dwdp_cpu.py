@@ -185,3 +185,17 @@ def test_dead_peer_stops_the_other_rank_with_a_clear_error(moe_checkpoint, tmp_p
     assert "restart all DWDP ranks together" in str(e.value) + text
     assert shm_entries() <= shm_before
     assert not list((rendezvous / group).iterdir())
+
+
+def test_ranks_of_different_models_stop_before_loading_weights(moe_checkpoint, tmp_path):
+    """Rank 0 serves Qwen3-MoE, rank 1 Qwen2-MoE: start-up stops with the difference named,
+    before either rank loads a weight."""
+    group = new_group()
+    specs = {f"rank{r}": dwdp_spec(moe_checkpoint(kind), r, 2, group, peer_timeout_s=60)
+             for r, kind in enumerate(("qwen3_moe", "qwen2_moe"))}
+    with pytest.raises(RuntimeError) as e:
+        run_engines(specs, timeout=300)
+    text = str(e.value)
+    assert "must run the same model, dtype, quantization and vLLM" in text, text[-4000:]
+    assert "serves architectures = ['Qwen" in text
+    assert "Loading weights took" not in text

@@ -130,3 +130,32 @@ def test_rendezvous_directory_must_be_private(tmp_path):
         private_dir(str(link))
     with pytest.raises(PeerFailure, match="dwdp.group must be"):
         PeerGroup("../etc", 0, 2, timeout_s=1, base_dir=str(tmp_path))
+
+
+def test_ranks_serving_different_models_are_told_before_loading(tmp_path):
+    """The identity check runs before any weight loads: both ranks learn what differs."""
+    import threading
+
+    mine = {"hf_config_sha256": "aaaa", "dtype": "torch.bfloat16", "vllm": "0.32.0"}
+    theirs = dict(mine, hf_config_sha256="bbbb")
+    errors = {}
+
+    def rank(r, identity):
+        g = PeerGroup("gi", r, 2, timeout_s=20, base_dir=str(tmp_path))
+        try:
+            g.check_identities(identity)
+        except PeerFailure as e:
+            errors[r] = str(e)
+        finally:
+            time.sleep(0.5)  # let the other rank read this one's identity
+            g.close()
+
+    threads = [threading.Thread(target=rank, args=(0, mine)),
+               threading.Thread(target=rank, args=(1, theirs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(errors) == {0, 1}
+    assert "DWDP rank 1 serves hf_config_sha256 = 'bbbb' where rank 0 serves 'aaaa'" in errors[0]
+    assert "must run the same model" in errors[1]
