@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_moe_core.config import PluginConfigError
+from vllm_moe_core.config import PluginConfigError, owner_runs
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,10 @@ def owner_spans(num_experts: int, world_size: int,
             raise PluginConfigError(
                 f"additional_config.dwdp.expert_owners lists {len(expert_owners)} owners but the "
                 f"model has {num_experts} experts per MoE layer; give one owner rank per expert")
-        spans = []
-        for r in range(world_size):
-            ids = [e for e, o in enumerate(expert_owners) if o == r]
-            if not ids:
-                raise PluginConfigError(f"additional_config.dwdp.expert_owners gives DWDP rank {r} "
-                                        f"no expert; every rank must own at least one")
-            if ids != list(range(ids[0], ids[-1] + 1)):
-                raise PluginConfigError(
-                    f"additional_config.dwdp.expert_owners gives DWDP rank {r} experts {ids}, which "
-                    f"are not one run: experts stay in global order in memory, so list each "
-                    f"rank's experts together (e.g. [0, 0, 0, 1, 1])")
-            spans.append((ids[0], ids[-1] + 1))
-        return tuple(spans)
+        try:
+            return owner_runs(expert_owners, world_size)
+        except ValueError as e:
+            raise PluginConfigError(f"additional_config.dwdp.{e}") from None
     if num_experts < world_size:
         raise PluginConfigError(
             f"{world_size} DWDP ranks cannot split {num_experts} experts (each rank must own at "

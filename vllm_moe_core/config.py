@@ -78,17 +78,25 @@ class DwdpConfig(PluginSettings):
         if bad:
             raise ValueError(f"expert_owners holds ranks {bad} outside 0 .. {self.world_size - 1}")
         if self.expert_owners:
-            for r in range(self.world_size):
-                ids = [e for e, o in enumerate(self.expert_owners) if o == r]
-                if not ids:
-                    raise ValueError(f"expert_owners gives DWDP rank {r} no expert; every rank "
-                                     f"must own at least one")
-                if ids != list(range(ids[0], ids[-1] + 1)):
-                    raise ValueError(
-                        f"expert_owners gives DWDP rank {r} experts {ids}, which are not one run: "
-                        f"experts stay in global order in memory, so list each rank's experts "
-                        f"together (e.g. [0, 0, 0, 1, 1])")
+            owner_runs(self.expert_owners, self.world_size)
         return self
+
+
+def owner_runs(expert_owners, world_size: int) -> tuple[tuple[int, int], ...]:
+    """``[first, last)`` of every rank in ``expert_owners`` (owner rank of each expert id),
+    after checking each rank owns one non-empty run (``ValueError`` saying which does not)."""
+    spans = []
+    for r in range(world_size):
+        ids = [e for e, o in enumerate(expert_owners) if o == r]
+        if not ids:
+            raise ValueError(f"expert_owners gives DWDP rank {r} no expert; every rank must "
+                             f"own at least one")
+        if ids != list(range(ids[0], ids[-1] + 1)):
+            raise ValueError(f"expert_owners gives DWDP rank {r} experts {ids}, which are not one "
+                             f"run: experts stay in global order in memory, so list each rank's "
+                             f"experts together (e.g. [0, 0, 0, 1, 1])")
+        spans.append((ids[0], ids[-1] + 1))
+    return tuple(spans)
 
 
 class FlexTensorConfig(PluginSettings):
