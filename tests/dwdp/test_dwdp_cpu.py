@@ -198,11 +198,20 @@ def test_ranks_of_different_models_stop_before_loading_weights(moe_checkpoint, t
     """Rank 0 serves Qwen3-MoE, rank 1 Qwen2-MoE: start-up stops with the difference named,
     before either rank loads a weight."""
     group = new_group()
-    specs = {f"rank{r}": dwdp_spec(moe_checkpoint(kind), r, 2, group, peer_timeout_s=60)
-             for r, kind in enumerate(("qwen3_moe", "qwen2_moe"))}
-    with pytest.raises(RuntimeError) as e:
-        run_engines(specs, timeout=300)
-    text = str(e.value)
-    assert "must run the same model, dtype, quantization and vLLM" in text, text[-4000:]
-    assert "serves architectures = ['Qwen" in text
-    assert "Loading weights took" not in text
+    workdir = tmp_path / "engines"
+    started = [start_engine(dwdp_spec(moe_checkpoint(kind), r, 2, group, peer_timeout_s=20),
+                            workdir, f"rank{r}")
+               for r, kind in enumerate(("qwen3_moe", "qwen2_moe"))]
+    try:
+        for s in started:
+            with pytest.raises(RuntimeError):
+                wait_engine(*s, timeout=300)
+    finally:
+        for proc, _, _ in started:
+            kill_engine(proc)
+    logs = [log.read_text() for _, _, log in started]
+    named = [text for text in logs
+             if "must run the same model, dtype, quantization and vLLM" in text]
+    assert named, logs[0][-3000:] + logs[1][-3000:]
+    assert "serves architectures = ['Qwen" in named[0]
+    assert not any("Loading weights took" in text for text in logs)
