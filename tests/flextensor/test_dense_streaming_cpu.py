@@ -93,5 +93,6 @@ def test_budget_below_full_dense_streaming_stops_before_loading(moe_checkpoint, 
 def test_prefetch_depth_is_at_least_one():
     assert parse_flextensor_config({"flextensor": {}}).dense_prefetch_depth == 1
     with pytest.raises(PluginConfigError,
-                       match=r"additional_config.flextensor.dense_prefetch_depth must be >= 1"):
+                       match=r"additional_config.flextensor.dense_prefetch_depth: Input should be "
+                             r"greater than or equal to 1, got 0"):
         parse_flextensor_config({"flextensor": {"dense_prefetch_depth": 0}})
