@@ -118,7 +118,7 @@ STOP_RECORDED = r"""
 import os, signal, sys, time
 def stat(pid):
     with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()  # [0] state, [3] session, [19] starttime
+        return f.read().rsplit(")", 1)[1].split()  # [0] state, [1] ppid, [3] session, [19] start
 sessions = []
 for path in sys.argv[2:]:
     try:
@@ -132,19 +132,29 @@ for path in sys.argv[2:]:
         now = None
     sessions.append((pid, start, now if now is not None and now != start else float("inf")))
 me = os.getpid()
+seen = {}  # pid -> start time of every process found in a session or below one
 def members():
-    out = []
+    procs = {}
     for p in filter(str.isdigit, os.listdir("/proc")):
         try:
             st = stat(p)
         except OSError:
             continue
-        if int(p) == me or st[0] in "ZX":
-            continue
-        sid, born = int(st[3]), int(st[19])
+        if int(p) != me and st[0] not in "ZX":
+            procs[int(p)] = (int(st[1]), int(st[3]), int(st[19]))  # ppid, session, start
+    for p, (_, sid, born) in procs.items():
         if any(sid == pid and start <= born < until for pid, start, until in sessions):
-            out.append(int(p))
-    return out
+            seen[p] = born
+    # children that left the session (Ray workers, job drivers start sessions of their own)
+    grew = True
+    while grew:
+        grew = False
+        for p, (ppid, _, born) in procs.items():
+            if p not in seen and ppid in seen and procs.get(ppid, (0, 0, -1))[2] == seen[ppid]:
+                seen[p] = born
+                grew = True
+    # once their parent is gone they are orphans, still ours: match them by start time
+    return [p for p, born in seen.items() if p in procs and procs[p][2] == born]
 grace = float(sys.argv[1])
 for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
     for p in members():

@@ -293,8 +293,9 @@ def test_teardown_stops_the_recorded_session_and_nothing_else(tmp_path):
     remote.prepare_state_dir(node)
     env = {"RAY_AUTH_TOKEN_PATH": node.token_path, "MARK": "ours"}
     # a leader with a child and a grandchild in its session (like ray start -> raylet -> worker)
-    remote.start_detached(node, "serve", ["bash", "-c", "sleep 300 & (sleep 300 & wait) & wait"],
-                          env)
+    # and a child in a session of its own (like a Ray job's driver)
+    remote.start_detached(node, "serve", ["bash", "-c", "sleep 300 & (sleep 300 & wait) & "
+                                          "setsid sleep 301 & wait"], env)
     leader = int((Path(node.state_dir) / "serve.pid").read_text().split()[0])
     deadline = time.time() + 10
     members = []
@@ -304,6 +305,9 @@ def test_teardown_stops_the_recorded_session_and_nothing_else(tmp_path):
                    == str(leader)]
         time.sleep(0.1)
     assert len(members) >= 4, members
+    escaped = [int(p) for p in os.listdir("/proc") if p.isdigit() and _alive(int(p))
+               and Path(f"/proc/{p}/cmdline").read_bytes() == b"sleep\x00301\x00"]
+    assert len(escaped) == 1, escaped
     # a bystander with the very same environment and command line, outside the session
     bystander = subprocess.Popen(["sleep", "300"], env={**os.environ, **env},
                                  start_new_session=True)
@@ -312,6 +316,7 @@ def test_teardown_stops_the_recorded_session_and_nothing_else(tmp_path):
     try:
         assert remote.stop_recorded(node, ["serve", "ray"], grace=5) == 0
         assert not [p for p in members if _alive(p)], "a process of the session survived"
+        assert not _alive(escaped[0]), "a child that started its own session survived"
         assert bystander.poll() is None, "teardown killed a process it did not start"
         assert not (Path(node.state_dir) / "serve.pid").exists()
     finally:
