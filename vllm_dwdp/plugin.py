@@ -27,7 +27,7 @@ def install() -> None:
                  cfg.rank, cfg.world_size, cfg.group, cfg.prefetch_depth)
         if routed_experts.layer_error() is not None:
             raise routed_experts.layer_error()
-        vllm_compat.dwdp_graph_policy(engine_args)
+        return vllm_compat.dwdp_graph_policy(engine_args, cfg.cuda_graphs)
 
     def init(layer, vllm_init, args, kwargs) -> None:
         from vllm_dwdp.moe_layer import init_dwdp_experts

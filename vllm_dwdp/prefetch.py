@@ -13,6 +13,11 @@ on this GPU only. Layer 0's pull is issued at the start of a forward pass; in ea
 when the slot cycle wraps cleanly (``num_layers % S == 0``), the last layers of a pass
 already pull the first layers of the next one, since expert weights do not change.
 
+Under CUDA graphs (``vllm_moe_core.vllm_compat.dwdp_graph_policy``) the MoE layers run
+between vLLM's piecewise graphs, so this schedule runs as in eager mode; a FULL graph
+captures one whole pass: the side stream forks from the compute stream at layer 0 and has
+joined it again by the last layer's ``acquire``, so the capture closes cleanly.
+
 On CPU the same schedule runs with synchronous copies (there are no streams).
 """
 
@@ -118,9 +123,11 @@ class ExpertPrefetcher:
             self.stream.wait_event(fork)
         for j in range(min(self.num_slots, len(self.layers))):
             if not (self.cross_step and self.holds[j] == j) or self._capturing():
-                self._pull(j, j)
+                # the fork already follows every read of the slot in earlier passes (and, in
+                # a graph capture, an event recorded before the capture cannot be awaited)
+                self._pull(j, j, after_consumed=False)
 
-    def _pull(self, i: int, s: int) -> None:
+    def _pull(self, i: int, s: int, after_consumed: bool = True) -> None:
         layer = self.layers[i]
         st = self.stats[i]
         st.pulls += 1
@@ -134,7 +141,8 @@ class ExpertPrefetcher:
             return
         timing = self._timing()
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(self.consumed[s])
+            if after_consumed:
+                self.stream.wait_event(self.consumed[s])
             if timing:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(self.stream)

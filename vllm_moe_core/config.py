@@ -61,6 +61,10 @@ class DwdpConfig(PluginSettings):
     peer_timeout_s: float = Field(
         30.0, ge=1.0, description="seconds a rank waits for its peers to start before it gives "
         "up with an error naming the missing rank")
+    cuda_graphs: bool = Field(
+        False, description="CUDA engines: capture vLLM's CUDA graphs, with the MoE layers run "
+        "between the piecewise graphs and the pulls inside FULL decode graphs (experimental; "
+        "off: torch.compile without CUDA graphs)")
 
     @field_validator("group")
     @classmethod

@@ -42,8 +42,9 @@ def logger(name: str):
     return init_logger(f"vllm.{name}")
 
 
-def add_config_validator(name: str, validate: Callable[[object], None]) -> None:
-    """Run ``validate(engine_args)`` before vLLM builds its config (it may adjust the args).
+def add_config_validator(name: str, validate: Callable[[object], Callable | None]) -> None:
+    """Run ``validate(engine_args)`` before vLLM builds its config (it may adjust the args);
+    a callable it returns runs on the built ``VllmConfig`` before the engine sees it.
 
     Used by both plugins; each registers once per process under its own ``name``.
     """
@@ -56,9 +57,12 @@ def add_config_validator(name: str, validate: Callable[[object], None]) -> None:
 
         @functools.wraps(original)
         def create_engine_config(self, *args, **kwargs):
-            for check in list(validators.values()):
-                check(self)
-            return original(self, *args, **kwargs)
+            after = [check(self) for check in list(validators.values())]
+            config = original(self, *args, **kwargs)
+            for adjust in after:
+                if adjust is not None:
+                    adjust(config)
+            return config
 
         create_engine_config._vllm_dwdp_validators = validators
         create_engine_config._vllm_dwdp_original = original
@@ -87,24 +91,60 @@ def check_one_plugin_enabled(additional_config) -> None:
         )
 
 
-def dwdp_graph_policy(engine_args) -> None:
-    """Keep DWDP's pull schedule out of captured graphs.
+# vLLM's MoE layer call in the compiled graph (CUDA: ``vllm::moe_forward[_shared]``, opaque
+# custom ops of vLLM's MoE runner) and the core's own op where vLLM traces the MoE call.
+MOE_GRAPH_OPS = ("vllm::moe_forward", "vllm::moe_forward_shared", "vllm_moe_core::routed_experts")
+
+
+def dwdp_graph_policy(engine_args, cuda_graphs: bool):
+    """How a DWDP engine runs under torch.compile and CUDA graphs.
 
     CPU: vLLM compiles the MoE call into the model graph (no opaque custom op), which would
     freeze the per-step pull schedule at trace time, so those engines run eagerly.
-    CUDA: the MoE layer is an opaque custom op inside torch.compile's graph, which is fine,
-    but vLLM captures CUDA graphs piece by piece (split at attention), and a pull issued in
-    one piece for a layer of the next piece would cross graph boundaries. DWDP engines
-    therefore run compiled without CUDA graphs; prefill-heavy steps, where DWDP pays off,
-    gain little from graphs.
+
+    CUDA: the pull of layer l+1's experts is issued on a side stream while layer l computes
+    and awaited when layer l+1 starts. vLLM captures piecewise CUDA graphs split at attention:
+    a side-stream copy begun in one piece and awaited in the next cannot be captured (a
+    capture must join every stream it forked before it ends). By default the engine runs
+    compiled without CUDA graphs. With ``cuda_graphs`` the MoE layer calls become split points
+    of the piecewise graph (:func:`run_moe_between_graph_pieces`): attention, norms and dense
+    layers replay as graphs and each MoE layer runs between them, issuing and awaiting its
+    pulls as in eager mode; a FULL graph (vLLM's uniform-decode graphs) captures the whole
+    forward pass, so the pulls fork and join inside that one graph, over addresses that
+    never change.
     """
-    run_without_cuda_graphs(
-        engine_args, "dwdp",
-        cpu_reason="DWDP on CPU runs the model eagerly (enforce_eager=True): the CPU backend "
-                   "traces MoE layers into its compiled graph",
-        cuda_reason="DWDP runs this engine without CUDA graphs (cudagraph_mode=NONE; "
-                    "torch.compile stays on): pulls ordered across graph pieces cannot be "
-                    "captured")
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() or not cuda_graphs:
+        run_without_cuda_graphs(
+            engine_args, "dwdp",
+            cpu_reason="DWDP on CPU runs the model eagerly (enforce_eager=True): the CPU "
+                       "backend traces MoE layers into its compiled graph",
+            cuda_reason="DWDP runs this engine without CUDA graphs (cudagraph_mode=NONE; "
+                        "torch.compile stays on): pulls ordered across graph pieces are not "
+                        "captured unless additional_config.dwdp.cuda_graphs is true")
+        return None
+    return None if engine_args.enforce_eager else run_moe_between_graph_pieces
+
+
+def run_moe_between_graph_pieces(vllm_config) -> None:
+    """Add the MoE layer calls to the split points of vLLM's piecewise graph (see
+    :func:`dwdp_graph_policy`); the model is compiled with them, later, in each worker."""
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    if cc.mode != CompilationMode.VLLM_COMPILE or cc.cudagraph_mode == CUDAGraphMode.NONE:
+        return
+    if not cc.splitting_ops:  # a flat graph: only FULL graphs, the whole pass in one capture
+        logger("dwdp").info("DWDP under CUDA graphs (%s): each pass is one graph; pulls fork "
+                            "and join inside it", cc.cudagraph_mode.name)
+        return
+    cc.splitting_ops = [*cc.splitting_ops, *(op for op in MOE_GRAPH_OPS
+                                             if op not in cc.splitting_ops)]
+    logger("dwdp").info(
+        "DWDP under CUDA graphs (%s): MoE layers run between the captured pieces, so their "
+        "pulls can span pieces (splitting_ops += %s)", cc.cudagraph_mode.name,
+        ", ".join(MOE_GRAPH_OPS))
 
 
 def run_without_cuda_graphs(engine_args, plugin: str, cpu_reason: str, cuda_reason: str) -> None:

@@ -37,7 +37,7 @@ def _gpus() -> int:
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
-def _run_ranks_and_stock(model, dtype, tmp_path, eager=True, stock_env=None):
+def _run_ranks_and_stock(model, dtype, tmp_path, eager=True, stock_env=None, graphs=False):
     two = _gpus() >= 2
     base = dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5, device="cuda",
                 dtype=dtype, enforce_eager=eager,
@@ -52,23 +52,28 @@ def _run_ranks_and_stock(model, dtype, tmp_path, eager=True, stock_env=None):
                          env={"CUDA_VISIBLE_DEVICES": ("0,1" if r == 0 else "1,0") if two else "0",
                               "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **stock_env},
                          additional_config={"dwdp": {"enabled": True, "world_size": 2,
-                                                     "rank": r, "group": group}})
+                                                     "rank": r, "group": group,
+                                                     "cuda_graphs": graphs}})
         for r in (0, 1)
     })
     return stock["stock"], ranks, two
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind, dtype, eager, atol", [
-    ("qwen3_moe", "bfloat16", False, 2e-2),  # compiled (torch.compile), CUDA graphs off (logged)
+@pytest.mark.parametrize("kind, dtype, mode, atol", [
+    ("qwen3_moe", "bfloat16", "compiled", 2e-2),  # torch.compile, CUDA graphs off (logged)
+    # compiled with vLLM's CUDA graphs (stock too): piecewise graphs for the prefill steps with
+    # the MoE layers between the pieces, FULL graphs for the decode steps
+    ("qwen3_moe", "bfloat16", "cuda_graphs", 2e-2),
     # Eager: the same kernels over the same bytes, batched alike, so the logprobs agree closely.
-    ("qwen2_moe", "float32", True, 1e-4),    # a shared expert beside the routed ones
-    ("qwen3_moe_fp8", "bfloat16", True, 1e-4),         # block FP8 (128 x 128 scales)
-    ("qwen3_moe_fp8_tensor", "bfloat16", True, 1e-4),  # per-tensor FP8, a scale per expert
+    ("qwen2_moe", "float32", "eager", 1e-4),    # a shared expert beside the routed ones
+    ("qwen3_moe_fp8", "bfloat16", "eager", 1e-4),         # block FP8 (128 x 128 scales)
+    ("qwen3_moe_fp8_tensor", "bfloat16", "eager", 1e-4),  # per-tensor FP8, a scale per expert
 ])
-def test_dwdp_ranks_match_stock(moe_checkpoint, kind, dtype, eager, atol, tmp_path):
+def test_dwdp_ranks_match_stock(moe_checkpoint, kind, dtype, mode, atol, tmp_path):
     model = moe_checkpoint(kind, **SHAPES.get(kind, SHAPE))
-    stock, ranks, two = _run_ranks_and_stock(model, dtype, tmp_path, eager=eager)
+    eager, graphs = mode == "eager", mode == "cuda_graphs"
+    stock, ranks, two = _run_ranks_and_stock(model, dtype, tmp_path, eager=eager, graphs=graphs)
     worst = 0.0
     # Experts really move each forward pass (a rank whose pages cover every expert byte, as
     # rank 1 of the Qwen2-MoE shape, has all of them filled once at start-up instead).
@@ -80,10 +85,14 @@ def test_dwdp_ranks_match_stock(moe_checkpoint, kind, dtype, eager, atol, tmp_pa
                                                 logprob_atol=atol))
         log = open(res["log_path"]).read()
         assert "connected to peers" in log and "cuda pages of 2048 KiB" in log
-        if not eager:
+        if graphs:
+            assert "DWDP under CUDA graphs (FULL_AND_PIECEWISE)" in log, log[-3000:]
+            assert "Graph capturing finished" in log, log[-3000:]
+        elif not eager:
             assert "DWDP runs this engine without CUDA graphs" in log
-    record_result(f"dwdp_e2e_{kind}", {
+    record_result(f"dwdp_e2e_{kind}" + ("_cuda_graphs" if graphs else ""), {
         "tokens_equal": True, "max_logprob_abs_diff": worst, "model": kind, "dtype": dtype,
         "dwdp_ranks": 2, "gpus_used": 2 if two else 1, "enforce_eager": eager,
+        "cuda_graphs": "full_and_piecewise" if graphs else "none",
         "stats_rank0": ranks["rank0"]["dwdp_stats_after"],
     })
