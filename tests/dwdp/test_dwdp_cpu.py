@@ -18,6 +18,7 @@ import pytest
 from tests.harness import pool
 from tests.harness.equality import (PROMPTS, assert_outputs_equal, kill_engine,
                                     run_engines, start_engine, stock_spec, wait_engine)
+from tests.harness.sockets import LOOPBACK, tcp_listeners_of
 
 _groups = itertools.count()
 
@@ -93,53 +94,6 @@ def test_idle_rank_runs_no_forward(moe_checkpoint, tmp_path):
     assert idle_after == idle_before  # rank 1 never stepped while rank 0 worked
 
 
-def _listening_tcp_inodes() -> dict[str, str]:
-    """inode -> local address (hex, as /proc/net/tcp writes it) of every listening socket."""
-    inodes = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A":  # TCP_LISTEN
-                    inodes[fields[9]] = fields[1].split(":")[0]
-    return inodes
-
-
-_LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
-
-
-def _process_tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except FileNotFoundError:
-            continue
-    return out
-
-
-def _tcp_listeners_of(pid: int) -> list[tuple[int, str]]:
-    """(pid, local address) of every listening TCP socket held by ``pid`` or its children."""
-    listening, held = _listening_tcp_inodes(), []
-    for p in _process_tree(pid):
-        try:
-            fds = os.listdir(f"/proc/{p}/fd")
-        except (FileNotFoundError, PermissionError):
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{p}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in listening:
-                held.append((p, listening[target[8:-1]]))
-    return held
-
-
 def _wait_connected(started, logs):
     deadline = time.monotonic() + 300
     while not all("connected to peers" in logs[r].read_text() for r in logs):
@@ -172,7 +126,7 @@ def test_dead_peer_stops_the_other_rank_with_a_clear_error(moe_checkpoint, tmp_p
     try:
         logs = {r: started[r][2] for r in started}
         _wait_connected(started, logs)
-        listeners = {r: _tcp_listeners_of(started[r][0].pid) for r in started}
+        listeners = {r: tcp_listeners_of(started[r][0].pid) for r in started}
         while "generating" not in logs[0].read_text():  # rank 0 is inside its request loop
             time.sleep(0.2)
         time.sleep(1.0)
@@ -184,7 +138,7 @@ def test_dead_peer_stops_the_other_rank_with_a_clear_error(moe_checkpoint, tmp_p
     finally:
         for proc, _, _ in started.values():
             kill_engine(proc)
-    beyond_loopback = {r: [x for x in held if x[1] not in _LOOPBACK] for r, held in listeners.items()}
+    beyond_loopback = {r: [x for x in held if x[1] not in LOOPBACK] for r, held in listeners.items()}
     assert beyond_loopback == {0: [], 1: []}, f"TCP listeners beyond loopback: {beyond_loopback}"
     assert elapsed < 5, f"rank 0 took {elapsed:.1f} s to stop after its peer died"
     text = logs[0].read_text()

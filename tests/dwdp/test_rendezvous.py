@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from tests.harness.sockets import tcp_listeners_of
 from vllm_dwdp.expert_pages import (ReceiveSlot, build_layer, compose_layer, fill_static,
                                     map_export, pull_copies)
 from vllm_dwdp.placement import owner_spans
@@ -25,24 +26,6 @@ SHAPES = {"w13": (E, 96, 40), "w2": (E, 40, 48), "scale": (E, 3)}  # scale: repl
 def full_layer() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
-
-
-def _tcp_listeners() -> list[str]:
-    """Listening TCP sockets this process holds (its fds against /proc/net/tcp{,6})."""
-    mine = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            mine.add(target[8:-1])
-    held = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            held += [line.split()[1] for line in f.readlines()[1:]
-                     if line.split()[3] == "0A" and line.split()[9] in mine]
-    return held
 
 
 def _rank(rank: int, world: int, group: str, base: str, out: mp.Queue, linger: float) -> None:
@@ -67,7 +50,7 @@ def _rank(rank: int, world: int, group: str, base: str, out: mp.Queue, linger: f
         g.start_watching()
         served = g.wait_served(30)
         out.put(("ready", rank, equal and served, os.getpid(), sorted(os.listdir(g.dir)),
-                 _tcp_listeners()))
+                 tcp_listeners_of(os.getpid(), children=False)))
         deadline = time.monotonic() + linger
         while time.monotonic() < deadline and not died:
             time.sleep(0.01)

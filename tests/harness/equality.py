@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -41,6 +42,15 @@ def one_rank_spec(model: str) -> dict:
 
 
 RUN_ENGINE = "tests.harness.run_engine"  # the module that runs one spec (default runner)
+_ENGINES_STARTED = itertools.count()
+
+
+def _port_base() -> int:
+    """Where this engine's vLLM scans for free ports (``VLLM_PORT``). Without it vLLM binds port
+    0, lets it go and binds it again later, so two engines started side by side can draw the
+    same port and one fails with EADDRINUSE. Ranges of 100 below Linux's ephemeral ports,
+    spread by the test process's pid and a count of engines it started."""
+    return 20000 + ((os.getpid() * 7 + next(_ENGINES_STARTED)) % 120) * 100
 
 
 def start_engine(spec: dict, workdir: Path, name: str, module: str = RUN_ENGINE
@@ -52,6 +62,7 @@ def start_engine(spec: dict, workdir: Path, name: str, module: str = RUN_ENGINE
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.setdefault("VLLM_PORT", str(_port_base()))
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", module, str(spec_path), str(out_path)],

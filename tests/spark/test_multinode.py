@@ -23,7 +23,7 @@ import pytest
 
 from tests.harness.checkpoints import COMMON, build_qwen3_moe, save_word_tokenizer
 from tests.spark.netns import IFACE, NetnsNodes
-from vllm_spark import cli, cluster, remote
+from vllm_spark import cluster, remote
 from vllm_spark.inventory import inventory_to_dict, parse_inventory
 from vllm_spark.preflight import run_preflight
 
@@ -328,7 +328,7 @@ def test_serve_tp2_across_two_nodes_native_multinode(nodes, model_dir, tmp_path)
         assert spark2, "no headless vLLM process runs on spark2"
         # vLLM's rendezvous listens on the head's cluster address
         assert f"{nodes.address(0)}:29611" in _listeners(nodes.ns(0)) or \
-            f"*:29611" in _listeners(nodes.ns(0)) or "0.0.0.0:29611" in _listeners(nodes.ns(0))
+            "*:29611" in _listeners(nodes.ns(0)) or "0.0.0.0:29611" in _listeners(nodes.ns(0))
     finally:
         r = run_cli("down", "-i", inv.path, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
