@@ -13,7 +13,8 @@ alternating from pair to pair (installed first in even pairs) so drift over the 
 both arms alike. Each engine (``flextensor_bench.run_variant``: Qwen3-30B-A3B shape with
 ``--layers`` 24 of its 48 layers, dummy bf16 weights, compiled with CUDA graphs unless
 ``--eager``) times prefill of 8 x 1024 tokens and decode at batch 1 and 64 over the total time
-of ``--decode-steps`` engine steps, and records every batch's greedy tokens. Reported: per
+of ``--decode-steps`` engine steps (after 4 untimed ones), prefill as the median of 5
+batches after an untimed one, and records every batch's greedy tokens. Reported: per
 pair, installed / stock for prefill and both decode sizes; their means (``*_ratio``), and in
 ``spread`` the per-pair ratios with their min, max and standard deviation; whether every
 token of every batch was equal (``tokens_equal``); which of this package's modules each
@@ -106,7 +107,8 @@ def main() -> int:
     spec = dict(model=model, dtype="float32" if args.tiny else "bfloat16",
                 compile=not (args.eager or args.tiny), vocab_size=cfg["vocab_size"],
                 decode_batches=[1, 64], prompt_len=8 if args.tiny else 32,
-                decode_steps=args.decode_steps or (4 if args.tiny else 48),
+                decode_steps=args.decode_steps or (4 if args.tiny else 128),
+                prefill_repeats=2 if args.tiny else 5,
                 prefill_batch=2 if args.tiny else 8, prefill_len=64 if args.tiny else 1024,
                 max_model_len=256 if args.tiny else 2048,
                 max_num_batched_tokens=256 if args.tiny else 8192, record_tokens=True,

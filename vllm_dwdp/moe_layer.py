@@ -332,6 +332,11 @@ def init_dwdp_experts(layer, vllm_init, args, kwargs, cfg: DwdpConfig) -> None:
     bound.arguments["expert_map_manager"] = DwdpExpertMap(
         placement, bound.arguments["expert_map_manager"])
     vllm_init(*bound.args[1:], **bound.kwargs)
+    why = vllm_compat.experts_not_splittable(layer.quant_method)
+    if why is not None:
+        raise NotComposable(f"{layer.layer_name}: {why}")
+    vllm_compat.load_only_expert_run(layer, placement.num_experts, placement.first,
+                                     placement.last)
     layer.dwdp = DwdpLayer(layer, engine)
     engine.add_layer(layer.dwdp)
     vllm_compat.after_process_weights_after_loading(

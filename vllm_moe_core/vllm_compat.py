@@ -21,6 +21,9 @@ What is touched, why, and when it can go:
   stream events, per-step counters) that a trace would freeze at its first shapes, so
   :func:`routed_experts_outside_compile` hands it to the graph as one opaque custom op
   (``vllm_moe_core::routed_experts``).
+- Expert parameters' ``weight_loader`` attribute is wrapped (:func:`load_only_expert_run`)
+  for loaders that hand each parameter all experts at once (gpt-oss MXFP4); the MXFP4 quant
+  method's ``mxfp4_backend`` is read before loading (:func:`experts_not_splittable`).
 - ``vllm.utils.deep_gemm.is_deep_gemm_e8m0_used`` (0.26 - 0.33): whether vLLM's per-token-group
   FP8 quantiser rounds activation scales up to powers of two (UE8M0).
 """
@@ -210,6 +213,54 @@ def experts_captured_at_load(method) -> str | None:
                 f"one linear per expert at load time and never reads the layer's expert tensors "
                 f"again")
     return None
+
+
+def experts_not_splittable(method) -> str | None:
+    """Why ``method`` (a MoE layer's quant method, just built) will leave no per-expert
+    tensors after its post-load step, or None; known before any weight loads.
+
+    vLLM's triton_kernels MXFP4 backends (``Mxfp4MoeBackend.TRITON``/``TRITON_UNFUSED``, the
+    default for gpt-oss on Hopper) swizzle a layer's experts into one triton_kernels tensor and
+    delete the per-expert parameters."""
+    backend = getattr(method, "mxfp4_backend", None)
+    if backend is None:
+        return None
+    name = getattr(backend, "name", str(backend))
+    if not name.startswith("TRITON"):
+        return None
+    return (f"vLLM's MXFP4 MoE backend {name} swizzles all of the layer's experts into one "
+            f"triton_kernels tensor after loading, so no per-expert tensors remain for DWDP to "
+            f"place beside other ranks' experts. Start every rank with moe_backend='marlin' "
+            f"(--moe-backend marlin; vLLM's Marlin MXFP4 kernel keeps the experts one after "
+            f"another), or serve this model without DWDP")
+
+
+def load_only_expert_run(layer, num_experts: int, first: int, last: int) -> None:
+    """Make ``layer``'s expert parameters take only experts ``[first, last)`` of a whole
+    ``[num_experts, ...]`` checkpoint tensor.
+
+    Some model loaders (vLLM's gpt-oss ``_load_weights_mxfp4``) hand every expert parameter
+    the checkpoint's tensor of all experts (``expert_id=None``) and narrow it only by
+    expert-parallel rank, which a DWDP rank is not; RoutedExperts' loader then copies it whole.
+    The narrowing happens on the checkpoint's (host, memory-mapped) tensor, so only this
+    rank's experts are read and reach the device."""
+    owned = last - first
+    if owned == num_experts:
+        return
+    for _name, param in layer.named_parameters(recurse=False):
+        loader = getattr(param, "weight_loader", None)
+        if loader is None or param.dim() < 1 or param.shape[0] != owned:
+            continue
+
+        def narrowed(param, loaded_weight, *args, _loader=loader, **kwargs):
+            expert_id = kwargs["expert_id"] if "expert_id" in kwargs else (
+                args[2] if len(args) > 2 else None)
+            if (expert_id is None and loaded_weight.dim() >= 1
+                    and loaded_weight.shape[0] == num_experts):
+                loaded_weight = loaded_weight[first:last]
+            return _loader(param, loaded_weight, *args, **kwargs)
+
+        param.weight_loader = narrowed
 
 
 def route_like_cpu_backend(layer, x, router_logits):

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.dwdp.test_dwdp_cpu import new_group, stay_until_all_done
-from tests.harness.equality import PROMPTS, assert_outputs_equal, run_engines
+from tests.dwdp.test_dwdp_cpu import dwdp_spec, new_group, stay_until_all_done
+from tests.harness.equality import (PROMPTS, assert_outputs_equal, kill_engine, run_engines,
+                                    start_engine, wait_engine)
 from tests.harness.results import record_result
 
 SHAPE = dict(hidden_size=1024, moe_intermediate_size=512)
@@ -37,15 +38,19 @@ def _gpus() -> int:
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
-def _run_ranks_and_stock(model, dtype, tmp_path, eager=True, stock_env=None, graphs=False):
+def _run_ranks_and_stock(model, dtype, tmp_path, eager=True, stock_env=None, graphs=False,
+                         engine_kwargs=None):
     two = _gpus() >= 2
     base = dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5, device="cuda",
                 dtype=dtype, enforce_eager=eager,
                 engine_kwargs={"kv_cache_memory_bytes": 1 << 28,
-                               "distributed_executor_backend": "uni"})
+                               "distributed_executor_backend": "uni", **(engine_kwargs or {})})
     stock_env = {**IN_PROCESS, **(stock_env or {})}
-    stock = run_engines({"stock": dict(base, env={"VLLM_PLUGINS": "", "CUDA_VISIBLE_DEVICES": "0",
-                                                  **stock_env})})
+    # Under CUDA graphs stock vLLM's pieces are split where DWDP splits them, so both run the
+    # same compiled code around the MoE layers (splitting changes what inductor fuses).
+    stock = run_engines({"stock": dict(base, moe_graph_splits=graphs,
+                                       env={"VLLM_PLUGINS": "", "CUDA_VISIBLE_DEVICES": "0",
+                                            **stock_env})})
     group = new_group()
     ranks = run_engines({
         f"rank{r}": dict(base, dwdp_stats=True, **stay_until_all_done(tmp_path, r, 2),
@@ -62,8 +67,9 @@ def _run_ranks_and_stock(model, dtype, tmp_path, eager=True, stock_env=None, gra
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind, dtype, mode, atol", [
     ("qwen3_moe", "bfloat16", "compiled", 2e-2),  # torch.compile, CUDA graphs off (logged)
-    # compiled with vLLM's CUDA graphs (stock too): piecewise graphs for the prefill steps with
-    # the MoE layers between the pieces, FULL graphs for the decode steps
+    # compiled with vLLM's CUDA graphs (stock too, its pieces split at the MoE layers alike):
+    # piecewise graphs for the prefill steps with the MoE layers between the pieces, FULL
+    # graphs for the decode steps
     ("qwen3_moe", "bfloat16", "cuda_graphs", 2e-2),
     # Eager: the same kernels over the same bytes, batched alike, so the logprobs agree closely.
     ("qwen2_moe", "float32", "eager", 1e-4),    # a shared expert beside the routed ones
@@ -96,3 +102,55 @@ def test_dwdp_ranks_match_stock(moe_checkpoint, kind, dtype, mode, atol, tmp_pat
         "cuda_graphs": "full_and_piecewise" if graphs else "none",
         "stats_rank0": ranks["rank0"]["dwdp_stats_after"],
     })
+
+
+# gpt-oss MXFP4 (openai/gpt-oss checkpoint layout): 1 MiB of w13 per expert, 8 experts, so
+# each rank stores 2 pages of every layer's w13 and pulls the other 2.
+MXFP4_SHAPE = dict(hidden_size=1024, intermediate_size=1024)
+
+
+@pytest.mark.gpu
+def test_dwdp_mxfp4_ranks_match_stock_on_marlin(moe_checkpoint, tmp_path):
+    """MXFP4 experts through vLLM's Marlin MXFP4 kernel (``moe_backend='marlin'``, stock
+    too): its repacked experts stay one after another, so the ranks compose them. The gpt-oss
+    loader hands every expert parameter all experts at once; each rank keeps its own run."""
+    model = moe_checkpoint("gpt_oss_mxfp4", **MXFP4_SHAPE)
+    stock, ranks, two = _run_ranks_and_stock(model, "bfloat16", tmp_path, eager=True,
+                                             engine_kwargs={"moe_backend": "marlin"})
+    pulled = [sum(s) for s in zip(*([st["bytes_pulled"] for st in res["dwdp_stats_after"]]
+                                    for res in ranks.values()))]
+    assert pulled and all(b > 0 for b in pulled), pulled
+    worst = 0.0
+    for name, res in ranks.items():
+        worst = max(worst, assert_outputs_equal(stock, res, names=("stock", name),
+                                                logprob_atol=1e-4))
+        log = open(res["log_path"]).read()
+        assert "connected to peers" in log and "MARLIN" in log, log[-3000:]
+    record_result("dwdp_e2e_gpt_oss_mxfp4_marlin", {
+        "tokens_equal": True, "max_logprob_abs_diff": worst, "model": "gpt_oss_mxfp4",
+        "dtype": "bfloat16", "moe_backend": "marlin", "dwdp_ranks": 2,
+        "gpus_used": 2 if two else 1, "enforce_eager": True,
+        "stats_rank0": ranks["rank0"]["dwdp_stats_after"]})
+
+
+@pytest.mark.gpu
+def test_dwdp_refuses_mxfp4_backend_without_per_expert_tensors(moe_checkpoint, tmp_path):
+    """vLLM's default MXFP4 backend for gpt-oss on Hopper (triton_kernels) swizzles a layer's
+    experts into one tensor: a DWDP rank stops while building the model, before any weight
+    loads or any peer is contacted, naming the backend and the one that works."""
+    model = moe_checkpoint("gpt_oss_mxfp4", **MXFP4_SHAPE)
+    spec = dict(dwdp_spec(model, 0, 2, new_group(), peer_timeout_s=30), device="cuda",
+                dtype="bfloat16", enforce_eager=True,
+                engine_kwargs={"kv_cache_memory_bytes": 1 << 28,
+                               "distributed_executor_backend": "uni"})
+    spec["env"] = dict(spec["env"], **IN_PROCESS)
+    started = start_engine(spec, tmp_path / "engines", "rank0")
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            wait_engine(*started, timeout=300)
+    finally:
+        kill_engine(started[0])
+    log = started[2].read_text()
+    assert "swizzles all of the layer's experts" in log, str(failed.value)[-3000:]
+    assert "moe_backend='marlin'" in log
+    assert "Loading weights took" not in log

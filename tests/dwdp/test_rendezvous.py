@@ -60,19 +60,22 @@ def _rank(rank: int, world: int, group: str, base: str, out: mp.Queue, linger: f
 
 
 def _start(world, group, base, linger):
+    """Start ``world`` rank processes; each reports on a queue of its own (a rank SIGKILLed
+    while its queue's feeder thread holds the queue's lock would block every other writer)."""
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, group, base, q, linger)) for r in range(world)]
+    queues = [ctx.Queue() for _ in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, group, base, queues[r], linger))
+             for r in range(world)]
     for p in procs:
         p.start()
-    return q, procs
+    return queues, procs
 
 
 def test_three_ranks_compose_every_expert_from_their_peers(tmp_path):
     """Every rank ends up with the full [E, ...] tensors, bit for bit, and the rendezvous
     directory is empty once all have connected (nobody listens any more)."""
-    q, procs = _start(3, "g3", str(tmp_path), linger=0)
-    msgs = [q.get(timeout=120) for _ in range(6)]
+    queues, procs = _start(3, "g3", str(tmp_path), linger=0)
+    msgs = [q.get(timeout=120) for q in queues for _ in range(2)]
     for p in procs:
         p.join(30)
     ready = [m for m in msgs if m[0] == "ready"]
@@ -84,15 +87,15 @@ def test_three_ranks_compose_every_expert_from_their_peers(tmp_path):
 
 
 def test_a_killed_rank_is_reported_by_number_at_once(tmp_path):
-    q, procs = _start(2, "gk", str(tmp_path), linger=60)
+    queues, procs = _start(2, "gk", str(tmp_path), linger=60)
     ready = {}
-    while len(ready) < 2:
+    for q in queues:
         m = q.get(timeout=120)
         assert m[0] == "ready", m
         ready[m[1]] = m
     killed = time.monotonic()
     os.kill(ready[1][3], signal.SIGKILL)
-    m = q.get(timeout=30)
+    m = queues[0].get(timeout=30)
     assert m[0] == "done" and m[1] == 0 and m[2] is not None, m
     when, why = m[2]
     assert when - killed < 2.0  # the watcher sees the closed socket or pidfd at once

@@ -202,10 +202,65 @@ def dequantise_block_fp8(fp8_model: str | Path, dst: str | Path) -> Path:
     return dst
 
 
+def build_gpt_oss_mxfp4(path: str | Path, *, num_layers: int = 2, num_experts: int = 8,
+                        top_k: int = 2, seed: int = 0, **shape) -> Path:
+    """gpt-oss with its routed experts in the MXFP4 format of the openai/gpt-oss checkpoints
+    (``quant_method: mxfp4``): per expert, ``*_blocks`` (two FP4 E2M1 values a byte, 32 per
+    block) and ``*_scales`` (one E8M0 exponent a block), bf16 biases; attention, router and
+    embeddings in bf16. The FP4 bytes are random (every byte is a valid pair), the exponents
+    2^-4 .. 2^-1, so the experts' outputs stay in the range of the other layers'."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    shape = {"hidden_size": 256, "intermediate_size": 256, **shape}
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    cfg = GptOssConfig(
+        **{**COMMON, "head_dim": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           **shape},
+        num_hidden_layers=num_layers, num_local_experts=num_experts,
+        num_experts_per_tok=top_k, sliding_window=128,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                     for i in range(num_layers)])
+    _save(GptOssForCausalLM, cfg, path, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for f in path.glob("*.safetensors"):
+        out = {}
+        for k, t in load_file(f).items():
+            if ".mlp.experts." not in k:
+                out[k] = t.to(torch.bfloat16)
+                continue
+            base = k.rsplit(".", 1)[0]
+            if k.endswith("gate_up_proj"):  # transformers: [E, hidden, 2 * inter]
+                rows, cols = 2 * inter, hidden
+            elif k.endswith("down_proj"):   # [E, inter, hidden]
+                rows, cols = hidden, inter
+            else:                            # the biases: [E, rows]
+                out[k] = t.to(torch.bfloat16)
+                continue
+            out[f"{base}.{k.rsplit('.', 1)[1]}_blocks"] = torch.randint(
+                0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=g)
+            out[f"{base}.{k.rsplit('.', 1)[1]}_scales"] = torch.randint(
+                123, 127, (num_experts, rows, cols // 32), dtype=torch.uint8, generator=g)
+        save_file(out, f, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        index.unlink()  # the tensors' names changed; one shard needs no index
+    config = json.loads((path / "config.json").read_text())
+    config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config={
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"]})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
 BUILDERS = {"qwen3_moe": build_qwen3_moe, "qwen2_moe": build_qwen2_moe,
             "qwen3_moe_fp8": build_qwen3_moe_fp8,
             "qwen3_moe_fp8_tensor": build_qwen3_moe_fp8_tensor, "qwen3": build_qwen3,
-            "qwen3_fp8": build_qwen3_fp8}
+            "qwen3_fp8": build_qwen3_fp8, "gpt_oss_mxfp4": build_gpt_oss_mxfp4}
 
 _WORDS = ("the of and to in is you that it he was for on are as with his they at be this "
           "from have or by one had not but what all were when we there can an your which their "

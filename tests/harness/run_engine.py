@@ -13,7 +13,10 @@ before and after generating), ``wait_for`` (a file whose appearance ends the run
 that stays idle while a peer works), ``done_file`` (touched after generating), and
 ``linger_s`` (keep serving one small request a second, to see how the engine reacts to a
 peer's death), ``loop_s`` (keep generating the prompts back to back, printing "generating"
-first: an engine in the middle of requests when a peer dies).
+first: an engine in the middle of requests when a peer dies). ``moe_graph_splits``: a stock
+engine whose piecewise CUDA graphs are split at the MoE layer calls as DWDP's ``cuda_graphs``
+setting splits them (``vllm_compat.run_moe_between_graph_pieces`` on the built config, no
+plugin loaded), so both run the same compiled pieces.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def run(spec: dict) -> dict:
         engine_kwargs.setdefault("gpu_memory_utilization", 0.3)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    if spec.get("moe_graph_splits"):
+        from vllm_moe_core import vllm_compat
+
+        vllm_compat.add_config_validator(
+            "moe_graph_splits", lambda engine_args: vllm_compat.run_moe_between_graph_pieces)
 
     t0 = time.monotonic()
     llm = LLM(

@@ -190,6 +190,7 @@ def _ensure_user() -> pwd.struct_passwd:
 def _run_as(user: str | None, scratch: Path, planted: Path) -> dict:
     code = scratch / "checks.py"
     code.write_text(CHECKS)
+    code.chmod(0o644)  # readable by the user whatever the umask of the test run
     argv = [SYSTEM_PY, str(code), str(REPO), str(scratch / "work"), str(planted)]
     if user is not None:
         argv = [shutil.which("runuser"), "-u", user, "--", *argv]
