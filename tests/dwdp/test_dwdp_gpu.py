@@ -70,7 +70,10 @@ def _run_ranks_and_stock(model, dtype, tmp_path, eager=True, stock_env=None, gra
     # compiled with vLLM's CUDA graphs (stock too, its pieces split at the MoE layers alike):
     # piecewise graphs for the prefill steps with the MoE layers between the pieces, FULL
     # graphs for the decode steps
-    ("qwen3_moe", "bfloat16", "cuda_graphs", 2e-2),
+    pytest.param("qwen3_moe", "bfloat16", "cuda_graphs", 2e-2, marks=pytest.mark.xfail(
+        strict=True, reason="H200, vLLM 0.26, 2026-12-02: prefill matches stock split alike, "
+        "but one rank's logprob at a FULL-graph decode step differs by 4.5e-2 (README, CUDA "
+        "graphs); the setting stays off until this passes")),
     # Eager: the same kernels over the same bytes, batched alike, so the logprobs agree closely.
     ("qwen2_moe", "float32", "eager", 1e-4),    # a shared expert beside the routed ones
     ("qwen3_moe_fp8", "bfloat16", "eager", 1e-4),         # block FP8 (128 x 128 scales)
