@@ -155,11 +155,12 @@ def run_variant(spec: dict) -> dict:
     if repeats > 1:
         step_times(prompts(n, length), 1)
     runs = [step_times(prompts(n, length), 1) for _ in range(repeats)]
-    seconds = sorted(sum(t) for t in runs)[len(runs) // 2]
+    each = [sum(t) for t in runs]
+    seconds = sorted(each)[len(each) // 2]
     result["prefill"] = {"prompts": n, "prompt_len": length, "seconds": seconds,
                          "steps": len(runs[0]), "tok_per_s": n * length / seconds}
     if repeats > 1:
-        result["prefill"]["seconds_each"] = [sum(t) for t in runs]
+        result["prefill"]["seconds_each"] = each
     if spec.get("profile"):
         result["profile"] = profile_decode(step_times, prompts(1, spec["prompt_len"]),
                                            spec["profile"])

@@ -36,6 +36,13 @@ def _gpus() -> int:
 
 
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+ENGINE_KWARGS = {"kv_cache_memory_bytes": 1 << 28, "distributed_executor_backend": "uni"}
+
+
+def _pulled_per_pass(ranks: dict) -> list[int]:
+    """Bytes the ranks pulled together, layer by layer (0 where a layer pulled nothing)."""
+    return [sum(s) for s in zip(*([st["bytes_pulled"] for st in res["dwdp_stats_after"]]
+                                  for res in ranks.values()))]
 
 
 def _run_ranks_and_stock(model, dtype, tmp_path, eager=True, stock_env=None, graphs=False,
@@ -43,8 +50,7 @@ def _run_ranks_and_stock(model, dtype, tmp_path, eager=True, stock_env=None, gra
     two = _gpus() >= 2
     base = dict(model=model, prompts=PROMPTS, max_tokens=8, logprobs=5, device="cuda",
                 dtype=dtype, enforce_eager=eager,
-                engine_kwargs={"kv_cache_memory_bytes": 1 << 28,
-                               "distributed_executor_backend": "uni", **(engine_kwargs or {})})
+                engine_kwargs={**ENGINE_KWARGS, **(engine_kwargs or {})})
     stock_env = {**IN_PROCESS, **(stock_env or {})}
     # Under CUDA graphs stock vLLM's pieces are split where DWDP splits them, so both run the
     # same compiled code around the MoE layers (splitting changes what inductor fuses).
@@ -86,8 +92,7 @@ def test_dwdp_ranks_match_stock(moe_checkpoint, kind, dtype, mode, atol, tmp_pat
     worst = 0.0
     # Experts really move each forward pass (a rank whose pages cover every expert byte, as
     # rank 1 of the Qwen2-MoE shape, has all of them filled once at start-up instead).
-    pulled = [sum(s) for s in zip(*([st["bytes_pulled"] for st in res["dwdp_stats_after"]]
-                                    for res in ranks.values()))]
+    pulled = _pulled_per_pass(ranks)
     assert pulled and all(b > 0 for b in pulled), pulled
     for name, res in ranks.items():
         worst = max(worst, assert_outputs_equal(stock, res, names=("stock", name),
@@ -120,8 +125,7 @@ def test_dwdp_mxfp4_ranks_match_stock_on_marlin(moe_checkpoint, tmp_path):
     model = moe_checkpoint("gpt_oss_mxfp4", **MXFP4_SHAPE)
     stock, ranks, two = _run_ranks_and_stock(model, "bfloat16", tmp_path, eager=True,
                                              engine_kwargs={"moe_backend": "marlin"})
-    pulled = [sum(s) for s in zip(*([st["bytes_pulled"] for st in res["dwdp_stats_after"]]
-                                    for res in ranks.values()))]
+    pulled = _pulled_per_pass(ranks)
     assert pulled and all(b > 0 for b in pulled), pulled
     worst = 0.0
     for name, res in ranks.items():
@@ -143,9 +147,7 @@ def test_dwdp_refuses_mxfp4_backend_without_per_expert_tensors(moe_checkpoint, t
     loads or any peer is contacted, naming the backend and the one that works."""
     model = moe_checkpoint("gpt_oss_mxfp4", **MXFP4_SHAPE)
     spec = dict(dwdp_spec(model, 0, 2, new_group(), peer_timeout_s=30), device="cuda",
-                dtype="bfloat16", enforce_eager=True,
-                engine_kwargs={"kv_cache_memory_bytes": 1 << 28,
-                               "distributed_executor_backend": "uni"})
+                dtype="bfloat16", enforce_eager=True, engine_kwargs=ENGINE_KWARGS)
     spec["env"] = dict(spec["env"], **IN_PROCESS)
     started = start_engine(spec, tmp_path / "engines", "rank0")
     try:

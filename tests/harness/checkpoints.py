@@ -232,17 +232,17 @@ def build_gpt_oss_mxfp4(path: str | Path, *, num_layers: int = 2, num_experts: i
             if ".mlp.experts." not in k:
                 out[k] = t.to(torch.bfloat16)
                 continue
-            base = k.rsplit(".", 1)[0]
-            if k.endswith("gate_up_proj"):  # transformers: [E, hidden, 2 * inter]
+            base, leaf = k.rsplit(".", 1)
+            if leaf == "gate_up_proj":  # transformers: [E, hidden, 2 * inter]
                 rows, cols = 2 * inter, hidden
-            elif k.endswith("down_proj"):   # [E, inter, hidden]
+            elif leaf == "down_proj":   # [E, inter, hidden]
                 rows, cols = hidden, inter
             else:                            # the biases: [E, rows]
                 out[k] = t.to(torch.bfloat16)
                 continue
-            out[f"{base}.{k.rsplit('.', 1)[1]}_blocks"] = torch.randint(
+            out[f"{base}.{leaf}_blocks"] = torch.randint(
                 0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=g)
-            out[f"{base}.{k.rsplit('.', 1)[1]}_scales"] = torch.randint(
+            out[f"{base}.{leaf}_scales"] = torch.randint(
                 123, 127, (num_experts, rows, cols // 32), dtype=torch.uint8, generator=g)
         save_file(out, f, metadata={"format": "pt"})
     index = path / "model.safetensors.index.json"
